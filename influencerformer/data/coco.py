@@ -1,0 +1,350 @@
+"""COCO instance segmentation: reader (polygons, compressed / uncompressed RLE) and writer.
+
+The reader follows COCO's conventions: ``iscrowd`` annotations are kept in the ground truth used
+for evaluation (``dataset.coco``) but dropped from the training targets; category ids, which are
+not contiguous in COCO (1..90 for 80 classes), are mapped to labels ``0..C-1`` in id order, and
+``dataset.category_ids[label]`` maps back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from influencerformer.data.transforms import pad_item, resize_longest
+
+# --------------------------------------------------------------------------- json loading
+
+
+def load_coco_json(ann_file: str | Path) -> dict:
+    """Read and structurally validate a COCO instances json (images, annotations, categories).
+
+    Missing ``iscrowd`` defaults to 0; missing ``area`` / ``bbox`` are computed from the mask
+    (COCOeval needs both). Raises FileNotFoundError / ValueError naming the file and the problem.
+    """
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"COCO annotation file {ann_file} not found")
+    try:
+        data = json.loads(ann_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{ann_file}: malformed json: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{ann_file}: expected a json object at top level, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{ann_file}: {key!r} must be a list, got {type(data.get(key)).__name__}")
+    images = _index_by_id(data["images"], ("file_name", "height", "width"), "image", ann_file)
+    categories = _index_by_id(data["categories"], ("name",), "category", ann_file)
+    for image in images.values():
+        size = (image["height"], image["width"])
+        if not all(isinstance(v, int) and v > 0 for v in size):
+            raise ValueError(f"{ann_file}: image id {image['id']}: height and width must be positive "
+                             f"integers, got {size}")
+    for ann in data["annotations"]:
+        _check_annotation(ann, images, categories, ann_file)
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann or "bbox" not in ann:
+            image = images[ann["image_id"]]
+            rle = segmentation_to_rle(ann, image["height"], image["width"])
+            ann.setdefault("area", float(mask_utils.area(rle)))
+            ann.setdefault("bbox", mask_utils.toBbox(rle).tolist())
+    return data
+
+
+def _index_by_id(entries: list, fields: tuple[str, ...], kind: str, ann_file: Path) -> dict:
+    """``{id: entry}`` after checking every entry has an int id (unique) and ``fields``."""
+    index = {}
+    for pos, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
+            raise ValueError(f"{ann_file}: {kind}s[{pos}] must be an object with an integer 'id'")
+        missing = [f for f in fields if f not in entry]
+        if missing:
+            raise ValueError(f"{ann_file}: {kind} id {entry['id']} is missing {missing}")
+        if entry["id"] in index:
+            raise ValueError(f"{ann_file}: duplicate {kind} id {entry['id']}")
+        index[entry["id"]] = entry
+    return index
+
+
+def _check_annotation(ann: object, images: dict, categories: dict, ann_file: Path) -> None:
+    if not isinstance(ann, dict) or "id" not in ann:
+        raise ValueError(f"{ann_file}: every annotation must be an object with an 'id', got {ann!r:.80}")
+    for key in ("image_id", "category_id", "segmentation"):
+        if key not in ann:
+            raise ValueError(f"{ann_file}: annotation id {ann['id']} has no {key!r}")
+    if ann["image_id"] not in images:
+        raise ValueError(f"{ann_file}: annotation id {ann['id']}: unknown image id {ann['image_id']}")
+    if ann["category_id"] not in categories:
+        raise ValueError(
+            f"{ann_file}: annotation id {ann['id']}: unknown category id {ann['category_id']} "
+            f"(known: {sorted(categories)})"
+        )
+
+
+# --------------------------------------------------------------------------- segmentation
+
+
+def _bad(ann: dict, why: str) -> ValueError:
+    return ValueError(f"annotation id {ann.get('id')}: bad segmentation: {why}")
+
+
+def rle_string_counts(counts: str) -> np.ndarray:
+    """Run lengths int64 ``(R,)`` of a COCO compressed RLE string (pycocotools' rleFrString).
+
+    Each run is a little-endian base-32 varint (chars offset by 48, bit 0x20 = more chars follow,
+    bit 0x10 of the last char = sign); runs after the second are deltas from the run two earlier.
+    Vectorised over characters. Used to validate a string before pycocotools' decoder, which
+    does not bounds-check and would write past its buffer on a corrupt string.
+    """
+    c = np.frombuffer(counts.encode("ascii"), dtype=np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if (c < 0).any() or (c > 63).any():
+        raise ValueError("characters outside the RLE alphabet ('0'..'o')")
+    ends = np.flatnonzero((c & 0x20) == 0)
+    if ends.size == 0 or ends[-1] != c.size - 1:
+        raise ValueError("string ends inside a run (truncated)")
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    run = np.repeat(np.arange(ends.size), ends - starts + 1)
+    shift = 5 * (np.arange(c.size) - starts[run])
+    if shift.max() > 50:
+        raise ValueError("run length varint too long")
+    x = np.add.reduceat((c & 0x1F) << shift, starts)
+    negative = (c[ends] & 0x10) != 0
+    x[negative] -= np.int64(1) << (5 * (ends - starts + 1))[negative]
+    # undo the delta coding: run m (m > 2) stores count[m] - count[m - 2]
+    out = x.copy()
+    out[1::2] = np.cumsum(x[1::2])
+    out[2::2] = np.cumsum(x[2::2])
+    return out
+
+
+def segmentation_to_rle(ann: dict, height: int, width: int) -> dict:
+    """Compressed RLE ``{"size": [h, w], "counts": str}`` of ``ann["segmentation"]``.
+
+    Accepts polygons (list of ``[x1, y1, x2, y2, ...]``, >= 3 points each), uncompressed RLE
+    (``counts`` a list of ints) and compressed RLE (``counts`` a str). Raises ValueError naming
+    the annotation id and what is wrong.
+    """
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        return _polygons_to_rle(ann, seg, height, width)
+    if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
+        raise _bad(ann, f"expected polygons (list) or RLE (dict with 'counts' and 'size'), got {seg!r:.80}")
+    if list(seg["size"]) != [height, width]:
+        raise _bad(ann, f"RLE size {list(seg['size'])} does not match image (height, width) "
+                        f"= ({height}, {width})")
+    counts = seg["counts"]
+    if isinstance(counts, list):
+        runs = np.asarray(counts)
+        if runs.dtype.kind not in "iu" or runs.ndim != 1:  # floats, strings, nested lists
+            raise _bad(ann, "uncompressed RLE counts must be a flat list of integers")
+        runs = runs.astype(np.int64)
+    elif isinstance(counts, (str, bytes)):
+        counts = counts.decode("ascii") if isinstance(counts, bytes) else counts
+        try:
+            runs = rle_string_counts(counts)
+        except (ValueError, UnicodeEncodeError) as err:
+            raise _bad(ann, f"compressed RLE counts: {err}") from err
+    else:
+        raise _bad(ann, f"RLE counts must be a list or a string, got {type(counts).__name__}")
+    if (runs < 0).any() or runs.sum() != height * width:
+        raise _bad(ann, f"RLE runs sum to {runs.sum()} (negative runs: {bool((runs < 0).any())}), "
+                        f"image has {height * width} pixels")
+    if isinstance(counts, list):
+        return mask_utils.frPyObjects(seg, height, width)
+    return {"size": [height, width], "counts": counts}
+
+
+def _polygons_to_rle(ann: dict, polygons: list, height: int, width: int) -> dict:
+    if not polygons:
+        raise _bad(ann, "empty polygon list")
+    for i, poly in enumerate(polygons):
+        if not isinstance(poly, list) or not all(isinstance(v, (int, float)) for v in poly):
+            raise _bad(ann, f"polygon {i} must be a flat list of numbers [x1, y1, x2, y2, ...]")
+        if len(poly) < 6 or len(poly) % 2:
+            raise _bad(ann, f"polygon {i} has {len(poly)} coordinates; need an even number >= 6 (3 points)")
+        if not all(math.isfinite(v) for v in poly):
+            raise _bad(ann, f"polygon {i} has a non-finite coordinate")
+    return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+
+
+def decode_masks(anns: list[dict], height: int, width: int) -> np.ndarray:
+    """Masks bool ``(K, height, width)`` of ``anns`` (one decode call for all of them)."""
+    if not anns:
+        return np.zeros((0, height, width), dtype=bool)
+    rles = [segmentation_to_rle(ann, height, width) for ann in anns]
+    return mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def _quiet_coco(data: dict) -> COCO:
+    """A pycocotools COCO index over ``data`` (without its progress prints)."""
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def load_image(path: Path, image_id: int) -> torch.Tensor:
+    """RGB image float32 ``(3, H, W)`` in [0, 1] (grey / RGBA / palette converted to RGB)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO image file {path} for image id {image_id} not found")
+    with Image.open(path) as img:
+        array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+class COCOInstanceDataset(Dataset):
+    """COCO-format instance segmentation as a torch Dataset.
+
+    Args:
+        image_dir: folder holding the images named by ``file_name``.
+        ann_file: COCO instances json.
+        image_size: if set, resize so the longest side is this many pixels (masks follow).
+        pad_to: if set, pad (bottom / right) to this int (square) or ``(h, w)``.
+
+    Attributes: ``coco`` (pycocotools COCO over every annotation, crowd ones included: the
+    evaluation ground truth), ``category_ids`` (COCO id of each contiguous label),
+    ``class_names``, ``num_classes``, ``image_ids`` (dataset order).
+
+    Item: ``image`` float32 ``(3, H, W)``, ``masks`` bool ``(K, H, W)`` (non-crowd, non-empty
+    annotations, json order), ``labels`` int64 ``(K,)``, ``image_id`` int, ``orig_size``
+    ``(H0, W0)`` as stored; plus ``image_size`` (valid extent) when padded.
+    """
+
+    def __init__(self, image_dir: str | Path, ann_file: str | Path, *, image_size: int | None = None,
+                 pad_to: int | tuple[int, int] | None = None) -> None:
+        self.image_dir, self.ann_file = Path(image_dir), Path(ann_file)
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"COCO image folder {self.image_dir} not found")
+        self.coco = _quiet_coco(load_coco_json(self.ann_file))
+        categories = sorted(self.coco.cats.values(), key=lambda cat: cat["id"])
+        self.category_ids = [cat["id"] for cat in categories]
+        self.class_names = [cat["name"] for cat in categories]
+        self.thing_classes = self.class_names
+        self.num_classes = len(categories)
+        self._label_of = {cat_id: label for label, cat_id in enumerate(self.category_ids)}
+        self.image_ids = sorted(self.coco.imgs)
+        self.image_size, self.pad_to = image_size, pad_to
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.image_ids[index]
+        info = self.coco.imgs[image_id]
+        path = self.image_dir / info["file_name"]
+        image = load_image(path, image_id)
+        height, width = info["height"], info["width"]
+        if tuple(image.shape[1:]) != (height, width):
+            raise ValueError(
+                f"image file {path} (image id {image_id}) is {image.shape[1]}x{image.shape[2]} (h x w) "
+                f"but {self.ann_file} says {height}x{width}"
+            )
+        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a["iscrowd"]]
+        masks = torch.from_numpy(decode_masks(anns, height, width))
+        labels = torch.tensor([self._label_of[a["category_id"]] for a in anns], dtype=torch.int64)
+        keep = masks.flatten(1).any(dim=1)  # an empty target mask has no pixels to supervise
+        item = {"image": image, "masks": masks[keep], "labels": labels[keep], "image_id": int(image_id),
+                "orig_size": (height, width)}
+        if self.image_size is not None:
+            item = resize_longest(item, self.image_size)
+        if self.pad_to is not None:
+            item = pad_item(item, self.pad_to)
+        return item
+
+
+def find_coco_files(root: str | Path, split: str) -> tuple[Path, Path]:
+    """``(image_dir, ann_file)`` of ``split`` under a COCO root. Layouts tried in order:
+
+    1. COCO: ``annotations/instances_{split}.json`` + ``{split}/`` (``split`` may omit the year:
+       ``"val"`` finds ``val2017``);
+    2. per-split export: ``{split}/annotations.json`` + ``{split}/images/``;
+    3. one json + images: ``annotations.json`` (or the only ``*.json``) + ``images/`` (or root).
+    """
+    root = Path(root)
+    tried = []
+    names = [split] if split[-1:].isdigit() else [split, f"{split}2017"]
+    for name in names:
+        ann, images = root / "annotations" / f"instances_{name}.json", root / name
+        tried.append(f"{ann} + {images}/")
+        if ann.is_file() and images.is_dir():
+            return images, ann
+    ann, images = root / split / "annotations.json", root / split / "images"
+    tried.append(f"{ann} + {images}/")
+    if ann.is_file() and images.is_dir():
+        return images, ann
+    jsons = sorted(root.glob("*.json")) if root.is_dir() else []
+    ann = jsons[0] if len(jsons) == 1 else None
+    if (root / "annotations.json").is_file():
+        ann = root / "annotations.json"
+    tried.append(f"{root}/annotations.json or a single {root}/*.json")
+    if ann is not None:
+        return (root / "images" if (root / "images").is_dir() else root), ann
+    raise FileNotFoundError(f"no COCO files for split {split!r} under {root}; tried: " + "; ".join(tried))
+
+
+# --------------------------------------------------------------------------- writer
+
+
+def _coco_annotations(masks: torch.Tensor, labels: torch.Tensor, image_id: int, category_ids: list[int],
+                      first_id: int) -> list[dict]:
+    """COCO annotation dicts (compressed RLE as str, area, bbox) of bool masks ``(K, H, W)``."""
+    if masks.shape[0] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8)))
+    areas, boxes = mask_utils.area(rles), mask_utils.toBbox(rles)
+    anns = []
+    for k, rle in enumerate(rles):
+        anns.append({
+            "id": first_id + k, "image_id": image_id, "category_id": category_ids[int(labels[k])],
+            "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+            "area": float(areas[k]), "bbox": [float(v) for v in boxes[k]], "iscrowd": 0,
+        })
+    return anns
+
+
+def export_coco(dataset, path: str | Path, *, max_images: int | None = None) -> Path:
+    """Write ``dataset`` (items as Shapes2D / COCOInstanceDataset return them) as COCO files.
+
+    Writes ``path/images/{image_id:012d}.png`` (8-bit RGB) and ``path/annotations.json``
+    (COCO instances; annotation ids from 1, since COCOeval treats id 0 as "unmatched").
+    The dataset needs ``category_ids`` and ``class_names`` (or ``thing_classes``).
+
+    Returns:
+        the path of the json file.
+    """
+    path = Path(path)
+    (path / "images").mkdir(parents=True, exist_ok=True)
+    names = getattr(dataset, "class_names", None) or getattr(dataset, "thing_classes")
+    categories = [{"id": cid, "name": name, "supercategory": "shape"}
+                  for cid, name in zip(dataset.category_ids, names)]
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    images, annotations = [], []
+    for index in range(count):
+        item = dataset[index]
+        image_id, (height, width) = int(item["image_id"]), item["image"].shape[1:]
+        file_name = f"{image_id:012d}.png"
+        pixels = (item["image"].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(path / "images" / file_name)
+        images.append({"id": image_id, "file_name": file_name, "height": int(height), "width": int(width)})
+        annotations += _coco_annotations(item["masks"], item["labels"], image_id, dataset.category_ids,
+                                         len(annotations) + 1)
+    ann_file = path / "annotations.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return ann_file
