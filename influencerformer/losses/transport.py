@@ -1,0 +1,91 @@
+"""Entropic optimal transport (log-domain Sinkhorn), batched, for matching-free assignment.
+
+Solves, per batch item, ``min_P <P, C> - eps * H(P)`` subject to ``P 1 = a`` (row masses, one per
+query: its capacity) and ``P^T 1 = b`` (column masses: instances plus a "no object" column), with
+dual potentials ``f (Q,)``, ``g (K+1,)`` and ``P_ij = exp((f_i + g_j - C_ij) / eps)``.  As
+``eps -> 0`` the plan tends to the optimal (Hungarian) assignment; the potentials are the
+"influence" of each instance (attracts mass) and each query (its capacity repels duplicates).
+
+Padding: items of a batch have different numbers of instances ``K_i``; columns (or rows) with zero
+mass are padding.  They are given a negligible mass (``exp(_LOG_TINY)``) instead of ``log 0 = -inf``
+so every potential and gradient stays finite, their (possibly garbage) costs are replaced by 0,
+and the returned plan is exactly 0 there.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["sinkhorn"]
+
+# Log-mass given to zero-mass (padded) rows and columns: ~1e-26 of a unit of mass, far below
+# float32 resolution of the real masses, yet finite so no -inf - (-inf) = NaN can appear.
+_LOG_TINY = -60.0
+
+
+def _check_sinkhorn_inputs(cost: Tensor, row_mass: Tensor, col_mass: Tensor, epsilon: float, iters: int) -> None:
+    shapes = f"cost {tuple(cost.shape)}, row_mass {tuple(row_mass.shape)}, col_mass {tuple(col_mass.shape)}"
+    if cost.dim() != 3:
+        raise ValueError(f"cost must be (B, Q, K+1), got {tuple(cost.shape)}")
+    b, q, k = cost.shape
+    if tuple(row_mass.shape) != (b, q) or tuple(col_mass.shape) != (b, k):
+        raise ValueError(f"expected row_mass ({b}, {q}) and col_mass ({b}, {k}); got {shapes}")
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+
+
+def _log_mass(mass: Tensor) -> Tensor:
+    return torch.where(mass > 0, mass.clamp_min(1e-30).log(), torch.full_like(mass, _LOG_TINY))
+
+
+def sinkhorn(
+    cost: Tensor,
+    row_mass: Tensor,
+    col_mass: Tensor,
+    epsilon: float = 0.1,
+    iters: int = 30,
+    tol: float | None = None,
+) -> Tensor:
+    """Entropic OT plan by log-domain Sinkhorn iterations, batched over items.
+
+    Args:
+        cost: ``(B, Q, K+1)`` transport cost (finite where both masses are > 0; anything elsewhere).
+        row_mass: ``(B, Q)`` >= 0, e.g. 1 per query (capacity).
+        col_mass: ``(B, K+1)`` >= 0, e.g. 1 per instance, 0 for padded instances, ``Q - K`` for
+            the "no object" column.  Row and column totals should agree per item (balanced OT).
+        epsilon: entropic regularisation, in the units of ``cost``.
+        iters: number of (column, row) update pairs; ends with a row update, so row marginals
+            are exact and column marginals converge.
+        tol: if set, stop early once the max column-marginal error is below ``tol``.  This checks
+            on the host (a sync) every iteration; with ``tol=None`` the loop never syncs.
+    Returns:
+        plan ``(B, Q, K+1)`` >= 0 in the dtype of ``cost`` (computed in at least float32 with
+        autocast off), exactly 0 on zero-mass rows/columns.  Differentiable w.r.t. ``cost`` if
+        called with grad enabled (unrolled iterations); callers usually detach it.
+    """
+    _check_sinkhorn_inputs(cost, row_mass, col_mass, epsilon, iters)
+    dtype = torch.promote_types(cost.dtype, torch.float32)
+    # Half-precision exp/logsumexp of costs/eps overflows; run the iterations in fp32 at least.
+    with torch.autocast(device_type=cost.device.type, enabled=False):
+        live = (row_mass > 0).unsqueeze(-1) & (col_mass > 0).unsqueeze(-2)
+        c = torch.where(live, cost.to(dtype), torch.zeros((), dtype=dtype, device=cost.device)) / epsilon
+        log_a, log_b = _log_mass(row_mass.to(dtype)), _log_mass(col_mass.to(dtype))
+        # Potentials are kept divided by eps (u = f / eps, v = g / eps).
+        u = torch.zeros_like(log_a)
+        v = torch.zeros_like(log_b)
+        for _ in range(iters):
+            v = log_b - torch.logsumexp(u.unsqueeze(-1) - c, dim=-2)
+            u = log_a - torch.logsumexp(v.unsqueeze(-2) - c, dim=-1)
+            if tol is not None and _column_error(u, v, c, col_mass) < tol:
+                break
+        plan = torch.exp(u.unsqueeze(-1) + v.unsqueeze(-2) - c) * live
+    return plan.to(cost.dtype)
+
+
+def _column_error(u: Tensor, v: Tensor, c: Tensor, col_mass: Tensor) -> float:
+    """Max absolute column-marginal error of the current plan (host sync)."""
+    cols = torch.exp(u.unsqueeze(-1) + v.unsqueeze(-2) - c).sum(-2)
+    return float((cols - col_mass.to(cols.dtype)).abs().max())

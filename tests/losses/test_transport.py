@@ -1,0 +1,122 @@
+"""Log-domain Sinkhorn: marginals, a numpy reference, the Hungarian limit, padding and precision."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from influencerformer.losses.transport import sinkhorn
+
+
+def numpy_sinkhorn(cost, a, b, eps, iters):
+    """Textbook kernel-form Sinkhorn (same update order: columns, then rows) in float64."""
+    kernel = np.exp(-cost / eps)
+    u = np.ones_like(a)
+    for _ in range(iters):
+        v = b / (kernel.T @ u)
+        u = a / (kernel @ v)
+    return u[:, None] * kernel * v[None, :]
+
+
+def instance_problem(b=3, q=7, k=3, seed=0, dtype=torch.float64):
+    """Random (B, Q, K+1) cost; rows mass 1, instance columns 1, no-object column Q - K."""
+    gen = torch.Generator().manual_seed(seed)
+    cost = torch.rand(b, q, k + 1, generator=gen, dtype=dtype)
+    row = torch.ones(b, q, dtype=dtype)
+    col = torch.cat([torch.ones(b, k, dtype=dtype), torch.full((b, 1), float(q - k), dtype=dtype)], 1)
+    return cost, row, col
+
+
+def test_marginals_are_satisfied():
+    cost, row, col = instance_problem()
+    plan = sinkhorn(cost, row, col, epsilon=0.2, iters=300)
+    torch.testing.assert_close(plan.sum(-1), row)  # the last update is the row update: exact
+    torch.testing.assert_close(plan.sum(-2), col, atol=1e-8, rtol=0)
+    assert (plan >= 0).all()
+
+
+def test_matches_numpy_reference():
+    cost, row, col = instance_problem(b=2, q=5, k=2, seed=1)
+    plan = sinkhorn(cost, row, col, epsilon=0.3, iters=7)
+    for i in range(2):
+        want = numpy_sinkhorn(cost[i].numpy(), row[i].numpy(), col[i].numpy(), 0.3, 7)
+        np.testing.assert_allclose(plan[i].numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_small_epsilon_recovers_hungarian(seed):
+    q, k = 6, 4
+    cost, row, col = instance_problem(b=1, q=q, k=k, seed=seed)
+    cost[..., -1] = 0.0  # constant no-object cost: OT optimum = rectangular assignment
+    plan = sinkhorn(cost, row, col, epsilon=0.002, iters=4000)[0]
+    rows, cols = linear_sum_assignment(cost[0, :, :k].numpy())
+    assert torch.equal(plan[:, :k].argmax(0)[torch.as_tensor(cols)], torch.as_tensor(rows))
+    assert (plan[:, :k].max(0).values > 0.99).all()  # near-permutation
+
+
+def test_padded_columns_are_ignored_and_never_nan():
+    cost, row, col = instance_problem(b=1, q=6, k=2, seed=3)
+    ref = sinkhorn(cost, row, col, epsilon=0.1, iters=50)
+    garbage = torch.tensor([[[float("nan"), float("inf"), 1e9]]], dtype=cost.dtype).expand(1, 6, 3)
+    padded_cost = torch.cat([cost[..., :2], garbage, cost[..., 2:]], -1).clone().requires_grad_(True)
+    padded_col = torch.cat([col[:, :2], torch.zeros(1, 3, dtype=col.dtype), col[:, 2:]], -1)
+    plan = sinkhorn(padded_cost, row, padded_col, epsilon=0.1, iters=50)
+    assert (plan[..., 2:5] == 0).all()
+    torch.testing.assert_close(torch.cat([plan[..., :2], plan[..., 5:]], -1), ref)
+    (plan * torch.rand_like(plan)).sum().backward()  # differentiable through the iterations
+    assert torch.isfinite(padded_cost.grad).all()
+
+
+def test_item_without_instances_puts_all_mass_on_no_object():
+    cost = torch.rand(2, 4, 3, dtype=torch.float64)
+    row = torch.ones(2, 4, dtype=torch.float64)
+    col = torch.tensor([[0.0, 0.0, 4.0], [1.0, 1.0, 2.0]], dtype=torch.float64)
+    plan = sinkhorn(cost, row, col, epsilon=0.1, iters=20)
+    torch.testing.assert_close(plan[0, :, 2], torch.ones(4, dtype=torch.float64))
+    assert (plan[0, :, :2] == 0).all()
+
+
+def test_float32_is_stable_with_large_costs():
+    cost64, row, col = instance_problem(b=2, q=8, k=3, seed=4)
+    cost32 = (cost64 * 1000.0).float()  # cost / eps = 1e5: overflows any kernel-form implementation
+    plan32 = sinkhorn(cost32, row.float(), col.float(), epsilon=0.01, iters=100)
+    plan64 = sinkhorn(cost32.double(), row, col, epsilon=0.01, iters=100)
+    assert plan32.dtype == torch.float32 and torch.isfinite(plan32).all()
+    # Potentials of size ~1e5 leave float32 an exponent resolution of ~8e-3 (its ulp at 1e5).
+    torch.testing.assert_close(plan32.sum(-1), row.float(), atol=1e-2, rtol=0)
+    torch.testing.assert_close(plan32.double(), plan64, atol=1e-2, rtol=0)
+
+
+def test_float32_matches_float64_at_mask2former_cost_scale():
+    cost64, row, col = instance_problem(b=4, q=20, k=6, seed=7)
+    cost64 = cost64 * 12.0  # 2 class + 5 BCE + 5 dice spans about [0, 12]
+    plan32 = sinkhorn(cost64.float(), row.float(), col.float(), epsilon=0.1, iters=30)
+    plan64 = sinkhorn(cost64, row, col, epsilon=0.1, iters=30)
+    torch.testing.assert_close(plan32.double(), plan64, atol=1e-4, rtol=0)
+
+
+def test_autocast_half_input_is_computed_in_float32():
+    cost, row, col = instance_problem(b=2, q=6, k=2, seed=5, dtype=torch.float32)
+    cost_bf16 = (cost * 50).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plan = sinkhorn(cost_bf16, row, col, epsilon=0.1, iters=30)
+    want = sinkhorn(cost_bf16.float(), row, col, epsilon=0.1, iters=30)
+    assert plan.dtype == torch.bfloat16
+    torch.testing.assert_close(plan.float(), want, atol=1e-2, rtol=1e-2)
+
+
+def test_tolerance_stops_early_within_tolerance():
+    cost, row, col = instance_problem(seed=6)
+    plan = sinkhorn(cost, row, col, epsilon=0.5, iters=10_000, tol=1e-6)
+    assert (plan.sum(-2) - col).abs().max() < 1e-6
+    torch.testing.assert_close(plan, sinkhorn(cost, row, col, epsilon=0.5, iters=2000), atol=1e-6, rtol=0)
+
+
+def test_bad_inputs_raise():
+    cost, row, col = instance_problem(b=2, q=5, k=2)
+    with pytest.raises(ValueError, match=r"col_mass \(2, 3\); got .*col_mass \(2, 2\)"):
+        sinkhorn(cost, row, col[:, :2], epsilon=0.1)
+    with pytest.raises(ValueError, match=r"cost must be \(B, Q, K\+1\), got \(5, 3\)"):
+        sinkhorn(cost[0], row, col, epsilon=0.1)
+    with pytest.raises(ValueError, match="epsilon must be > 0"):
+        sinkhorn(cost, row, col, epsilon=0.0)
