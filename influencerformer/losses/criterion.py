@@ -1,0 +1,432 @@
+"""Set criteria for query segmentation: the shared base and the Hungarian baseline.
+
+Every criterion consumes the same contract (DESIGN.md, "Criterion interface"):
+
+- ``outputs["pred_logits"]``: ``(B, Q, C+1)`` class logits, last column = "no object";
+- ``outputs["pred_masks"]``: ``(B, Q, H, W)`` image mask logits or ``(B, Q, P)`` point-cloud mask logits;
+- optional ``outputs["aux_outputs"]``: list of dicts with the same two keys (deep supervision);
+- ``targets``: list of ``B`` dicts ``{"labels": LongTensor (K_i,), "masks": (K_i, H', W') or (K_i, P)}``.
+
+``SetCriterion.forward`` validates, computes the normaliser, calls ``layer_losses`` for the final layer
+(unsuffixed) and every aux layer (suffix ``_i``), and sums ``loss = sum weight_dict[base] * term`` in one place.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
+
+from .assignment import Indices, linear_sum_assignment_batched
+from .mask_losses import (
+    brier_loss,
+    dice_loss,
+    pairwise_brier,
+    pairwise_dice,
+    pairwise_sigmoid_bce,
+    sigmoid_bce_loss,
+)
+from .sampling import (
+    draw_uncertainty_random,
+    point_sample,
+    target_masks_at_prediction_grid,
+    uncertainty_point_coords,
+    uniform_point_coords,
+)
+
+Layer = tuple[Tensor, Tensor]  # (pred_logits (B, Q, C+1), pred_masks (B, Q, *spatial))
+
+
+def suffixed(losses: dict[str, Tensor], layer: int | None) -> dict[str, Tensor]:
+    """Name the terms of one decoder layer: the final layer keeps its names, aux layer ``i`` gets ``_i``."""
+    if layer is None:
+        return dict(losses)
+    return {f"{name}_{layer}": value for name, value in losses.items()}
+
+
+def base_name(key: str) -> str:
+    """Strip an aux-layer suffix: ``loss_dice_3 -> loss_dice``; ``loss_dice -> loss_dice``."""
+    stem, _, tail = key.rpartition("_")
+    return stem if stem and tail.isdigit() else key
+
+
+def reduced_num_masks(targets: Sequence[dict[str, Tensor]], device: torch.device) -> Tensor:
+    """Normaliser: instances per rank, averaged over DDP ranks as Mask2Former does, clamped to >= 1.
+
+    Returns a float scalar tensor on ``device``. Averaging (sum / world size) keeps the loss scale
+    independent of the number of ranks while every rank divides by the same number.
+    """
+    num_masks = torch.as_tensor(float(sum(len(t["labels"]) for t in targets)), device=device)
+    world_size = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(num_masks)
+        world_size = dist.get_world_size()
+    return torch.clamp(num_masks / world_size, min=1.0)
+
+
+class SetCriterion(nn.Module):
+    """Base of every criterion: validation, deep supervision, normaliser and the weighted total.
+
+    Subclasses implement ``layer_losses(pred_logits, pred_masks, targets, num_masks) -> dict`` returning
+    *unweighted*, *unsuffixed* terms; every term name must appear in ``weight_dict`` (weight 0 is allowed,
+    a missing name is an error so a typo never silently drops a term from the total). Subclasses that need
+    work shared across layers (e.g. one batched matching pass) override ``layer_context`` to return one dict
+    of extra keyword arguments per layer.
+
+    Args:
+        num_classes: number of foreground classes ``C``; logits have ``C + 1`` columns.
+        weight_dict: weight of each base term name, e.g. ``{"loss_ce": 2.0, "loss_mask": 5.0}``.
+        no_object_weight: class weight of the "no object" column in the classification loss.
+        num_points: points sampled per mask for image masks; ``None`` = every location of the prediction grid.
+        oversample_ratio, importance_sample_ratio: Mask2Former's uncertainty sampling parameters.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        weight_dict: dict[str, float],
+        *,
+        no_object_weight: float = 0.1,
+        num_points: int | None = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if num_points is not None and (not isinstance(num_points, int) or num_points < 1):
+            raise ValueError(f"num_points must be a positive int or None, got {num_points!r}")
+        if oversample_ratio < 1:
+            raise ValueError(f"oversample_ratio must be >= 1, got {oversample_ratio}")
+        if not 0.0 <= importance_sample_ratio <= 1.0:
+            raise ValueError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}")
+        self.num_classes = num_classes
+        self.weight_dict = dict(weight_dict)
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = no_object_weight
+        self.register_buffer("empty_weight", empty_weight)
+
+    def layer_losses(
+        self, pred_logits: Tensor, pred_masks: Tensor, targets: Sequence[dict[str, Tensor]], num_masks: Tensor
+    ) -> dict[str, Tensor]:
+        """Unweighted, unsuffixed loss terms of one decoder layer (shapes as in the module docstring)."""
+        raise NotImplementedError
+
+    def layer_context(self, layers: list[Layer], targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Any]]:
+        """Extra keyword arguments for ``layer_losses``, one dict per layer (final first); default none."""
+        return [{} for _ in layers]
+
+    def forward(self, outputs: dict[str, Any], targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """All terms of the final layer (unsuffixed) and aux layers (``_i``), plus ``"loss"``, the weighted sum."""
+        layers = [(outputs["pred_logits"], outputs["pred_masks"])]
+        layers += [(aux["pred_logits"], aux["pred_masks"]) for aux in outputs.get("aux_outputs", None) or []]
+        validate_inputs(layers, targets, self.num_classes)
+        num_masks = reduced_num_masks(targets, layers[0][0].device)
+        contexts = self.layer_context(layers, targets)
+        losses: dict[str, Tensor] = {}
+        for i, ((logits, masks), context) in enumerate(zip(layers, contexts)):
+            terms = self.layer_losses(logits, masks, targets, num_masks, **context)
+            losses.update(suffixed(terms, None if i == 0 else i - 1))
+        losses["loss"] = self.weighted_total(losses)
+        return losses
+
+    def weighted_total(self, losses: dict[str, Tensor]) -> Tensor:
+        """``sum_key weight_dict[base_name(key)] * losses[key]`` — the only place weights are applied."""
+        missing = sorted({base_name(k) for k in losses} - set(self.weight_dict))
+        if missing:
+            raise ValueError(f"loss terms {missing} have no weight in weight_dict (keys: {sorted(self.weight_dict)})")
+        return sum(self.weight_dict[base_name(k)] * v for k, v in losses.items())
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def validate_inputs(layers: list[Layer], targets: Sequence[dict[str, Tensor]], num_classes: int) -> None:
+    """Raise ValueError on malformed outputs/targets; one host sync for all value checks (finite, label range)."""
+    pred_logits, pred_masks = layers[0]
+    if pred_logits.dim() != 3 or pred_logits.shape[-1] != num_classes + 1:
+        raise ValueError(
+            f"pred_logits: expected (B, Q, num_classes + 1 = {num_classes + 1}), got {tuple(pred_logits.shape)}"
+        )
+    if pred_masks.dim() not in (3, 4) or pred_masks.shape[:2] != pred_logits.shape[:2]:
+        raise ValueError(
+            f"pred_masks: expected (B, Q, H, W) or (B, Q, P) with (B, Q) = {tuple(pred_logits.shape[:2])}, "
+            f"got {tuple(pred_masks.shape)}"
+        )
+    for i, (logits, masks) in enumerate(layers[1:]):
+        if logits.shape != pred_logits.shape or masks.shape != pred_masks.shape:
+            raise ValueError(
+                f"aux_outputs[{i}]: expected pred_logits {tuple(pred_logits.shape)} and pred_masks "
+                f"{tuple(pred_masks.shape)}, got {tuple(logits.shape)} and {tuple(masks.shape)}"
+            )
+    for logits, masks in layers:
+        if not (logits.is_floating_point() and masks.is_floating_point()):
+            raise ValueError(f"pred_logits / pred_masks must be floating point, got {logits.dtype} / {masks.dtype}")
+    if len(targets) != pred_logits.shape[0]:
+        raise ValueError(f"targets: expected one dict per image (B = {pred_logits.shape[0]}), got {len(targets)}")
+    for b, target in enumerate(targets):
+        _validate_target(b, target, pred_masks)
+    _check_values(layers, targets, num_classes)
+
+
+def _validate_target(b: int, target: dict[str, Tensor], pred_masks: Tensor) -> None:
+    """Shape/dtype checks of one target dict (no host sync)."""
+    if "labels" not in target or "masks" not in target:
+        raise ValueError(f"targets[{b}]: expected keys 'labels' and 'masks', got {sorted(target)}")
+    labels, masks = target["labels"], target["masks"]
+    if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"targets[{b}]['labels']: expected an integer tensor (K,), got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    spatial = pred_masks.shape[2:]
+    if masks.dim() != 1 + len(spatial) or masks.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"targets[{b}]['masks']: shape {tuple(masks.shape)} does not fit labels (K = {labels.shape[0]},) "
+            f"and pred_masks {tuple(pred_masks.shape)}; expected (K, {'H, W' if len(spatial) == 2 else 'P'})"
+        )
+    if len(spatial) == 1 and masks.shape[1] != spatial[0]:
+        raise ValueError(
+            f"targets[{b}]['masks']: shape {tuple(masks.shape)} has P = {masks.shape[1]}, but pred_masks "
+            f"{tuple(pred_masks.shape)} has P = {spatial[0]}"
+        )
+
+
+def _check_values(layers: list[Layer], targets: Sequence[dict[str, Tensor]], num_classes: int) -> None:
+    """Non-finite logits and out-of-range labels, gathered into one small tensor so the host syncs once."""
+    flags = [torch.isfinite(t).all() for layer in layers for t in layer]
+    labels = [t["labels"] for t in targets]
+    all_labels = torch.cat([lab.reshape(-1).to(layers[0][0].device, torch.int64) for lab in labels])
+    flags.append(((all_labels >= 0) & (all_labels < num_classes)).all())
+    ok = torch.stack(flags).tolist()
+    for i, finite in enumerate(ok[:-1]):
+        if not finite:
+            layer, key = divmod(i, 2)
+            where = "outputs" if layer == 0 else f"outputs['aux_outputs'][{layer - 1}]"
+            raise ValueError(f"{where}['{('pred_logits', 'pred_masks')[key]}'] contains NaN or Inf")
+    if not ok[-1]:
+        for b, lab in enumerate(labels):
+            bad = lab[(lab < 0) | (lab >= num_classes)]
+            if bad.numel():
+                raise ValueError(
+                    f"targets[{b}]['labels']: class id {int(bad[0])} out of range [0, {num_classes})"
+                )
+
+
+# ----------------------------------------------------------------------------------------- Hungarian baseline
+
+
+class PaddedTargets(NamedTuple):
+    """Targets of a batch stacked with K padded to ``K_max`` (padding: label 0, empty mask)."""
+
+    labels: Tensor  # (B, K_max) int64
+    masks: Tensor  # (B, K_max, H', W') or (B, K_max, P) float32
+    sizes: list[int]  # K_i per image
+
+
+def pad_targets(targets: Sequence[dict[str, Tensor]], device: torch.device) -> PaddedTargets:
+    """Stack per-image targets into padded tensors; spatial sizes that differ are zero-padded bottom/right.
+
+    The spatial padding mirrors HF/Mask2Former's ``nested_tensor_from_tensor_list``, so uniform point
+    coordinates refer to the same padded frame as theirs.
+    """
+    sizes = [len(t["labels"]) for t in targets]
+    labels = pad_sequence([t["labels"].to(device, torch.int64) for t in targets], batch_first=True)
+    spatial = [max(s) for s in zip(*(tuple(t["masks"].shape[1:]) for t in targets))]
+    masks = torch.zeros(len(targets), max(sizes), *spatial, device=device)
+    for b, t in enumerate(targets):  # one copy per image: the only way to stack variable K and sizes
+        m = t["masks"]
+        masks[(b, slice(0, m.shape[0])) + tuple(slice(0, n) for n in m.shape[1:])] = m.to(device, torch.float32)
+    return PaddedTargets(labels, masks, sizes)
+
+
+def flat_indices(per_layer: list[list[Indices]], device: torch.device) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per layer, per image ``(row, col)`` pairs -> per layer ``(batch_idx, query_idx, instance_idx)`` ``(N_l,)``.
+
+    All layers are concatenated on the host and moved to ``device`` in one transfer.
+    """
+    stacked = [
+        torch.stack([torch.cat([torch.full_like(rows, b) for b, (rows, _) in enumerate(layer)]),
+                     torch.cat([rows for rows, _ in layer]), torch.cat([cols for _, cols in layer])])
+        for layer in per_layer
+    ]  # each (3, N_l)
+    moved = torch.cat(stacked, dim=1).to(device, non_blocking=True)
+    return [tuple(part.unbind(0)) for part in moved.split([s.shape[1] for s in stacked], dim=1)]
+
+
+class HungarianCriterion(SetCriterion):
+    """Mask2Former's criterion and matcher (the baseline), framework-free and batched over layers and images.
+
+    Matching (no grad, fp32, autocast off): ``cost = class_weight * (-p[class]) + mask_weight * BCE +
+    dice_weight * (1 - dice)`` on ``num_points`` uniform points shared by all queries and instances of an image,
+    solved per (layer, image) by scipy after one host transfer. Losses on the matched pairs: ``loss_ce``
+    (cross-entropy, "no object" weighted by ``no_object_weight``), ``loss_mask`` (BCE or Brier) and ``loss_dice``
+    on uncertainty-sampled points, normalised by the number of target masks. ``num_points=None`` uses every
+    location of the prediction grid for both (exact, deterministic); point-cloud masks ``(B, Q, P)`` always use
+    every point. Under one seed the random draws equal HF ``Mask2FormerLoss``'s, in the same order.
+
+    After each call ``last_indices`` holds the final layer's matching (list per image of ``(query_idx,
+    instance_idx)``) and ``last_layer_indices`` every layer's (final first, then aux layers in order).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        class_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        no_object_weight: float = 0.1,
+        num_points: int | None = 12544,
+        mask_loss: str = "bce",
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        assignment_backend: str = "auto",
+    ) -> None:
+        weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
+        super().__init__(num_classes, weights, no_object_weight=no_object_weight, num_points=num_points,
+                         oversample_ratio=oversample_ratio, importance_sample_ratio=importance_sample_ratio)
+        if mask_loss not in _MASK_LOSSES:
+            raise ValueError(f"mask_loss: expected one of {sorted(_MASK_LOSSES)}, got {mask_loss!r}")
+        self.mask_loss = mask_loss
+        self.assignment_backend = assignment_backend
+        self.last_indices: list[Indices] | None = None
+        self.last_layer_indices: list[list[Indices]] | None = None
+
+    def _sampled(self, pred_masks: Tensor) -> bool:
+        """Point sampling applies to image masks with a finite ``num_points``; otherwise every location."""
+        return pred_masks.dim() == 4 and self.num_points is not None
+
+    def layer_context(self, layers: list[Layer], targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Any]]:
+        """Match every layer in one batched pass; returns per layer its flat indices and random draws."""
+        logits, masks = layers[0]
+        padded = pad_targets(targets, logits.device)
+        grid_targets = self._targets_on_grid(padded, masks)
+        matcher_coords, loss_draws = self._draw_random(len(layers), padded.sizes, masks)
+        with torch.no_grad(), torch.autocast(masks.device.type, enabled=False):
+            costs = self.matching_costs(layers, padded, matcher_coords, grid_targets)
+        num_queries = logits.shape[1]
+        flat = linear_sum_assignment_batched(
+            costs.flatten(0, 1), [(num_queries, k) for k in padded.sizes] * len(layers),
+            backend=self.assignment_backend,
+        )
+        per_layer = [flat[i * len(targets):(i + 1) * len(targets)] for i in range(len(layers))]
+        self.last_layer_indices, self.last_indices = per_layer, per_layer[0]
+        return [
+            {"indices": idx, "padded": padded, "grid_targets": grid_targets, "loss_draws": draws}
+            for idx, draws in zip(flat_indices(per_layer, logits.device), loss_draws)
+        ]
+
+    def _targets_on_grid(self, padded: PaddedTargets, pred_masks: Tensor) -> Tensor | None:
+        """Every-location targets ``(B, K_max, P)`` aligned with ``pred_masks.flatten(2)``; None when sampling."""
+        if self._sampled(pred_masks):
+            return None
+        if pred_masks.dim() == 3:  # point clouds: already one value per point
+            return padded.masks
+        flat = target_masks_at_prediction_grid(padded.masks.flatten(0, 1), tuple(pred_masks.shape[2:]))
+        return flat.unflatten(0, tuple(padded.masks.shape[:2]))
+
+    def _draw_random(self, num_layers: int, sizes: list[int], pred_masks: Tensor):
+        """All random coordinates of a call, drawn in HF/Mask2Former's order: per layer, B matcher draws
+        ``(1, P, 2)`` then the importance-sampling draws of its ``N = sum min(Q, K_i)`` matched masks."""
+        if not self._sampled(pred_masks):
+            return None, [None] * num_layers
+        device, num_queries = pred_masks.device, pred_masks.shape[1]
+        num_matched = sum(min(num_queries, k) for k in sizes)
+        matcher, loss = [], []
+        for _ in range(num_layers):
+            matcher += [uniform_point_coords(1, self.num_points, device) for _ in sizes]
+            loss.append(draw_uncertainty_random(num_matched, self.num_points, self.oversample_ratio,
+                                                self.importance_sample_ratio, device))
+        return torch.cat(matcher).unflatten(0, (num_layers, len(sizes))), loss
+
+    def matching_costs(
+        self, layers: list[Layer], padded: PaddedTargets, coords: Tensor | None, grid_targets: Tensor | None
+    ) -> Tensor:
+        """Matching costs of every layer and image in one pass: ``(L, B, Q, K_max)`` float32.
+
+        ``coords (L, B, P, 2)``: the uniform points of each (layer, image), shared by its queries and instances.
+        """
+        logits = torch.stack([lg for lg, _ in layers]).float()  # (L, B, Q, C+1)
+        masks = torch.stack([m for _, m in layers]).float()  # (L, B, Q, *spatial)
+        num_layers, batch, num_queries = logits.shape[:3]
+        labels = padded.labels[None, :, None, :].expand(num_layers, batch, num_queries, -1)
+        # -p[class] instead of the NLL, as DETR: the constant 1 of "1 - p" does not change the assignment
+        cost_class = -logits.softmax(-1).gather(-1, labels)
+        if padded.masks.shape[1] == 0:
+            return cost_class
+        if coords is not None:
+            pred = point_sample(masks.flatten(0, 1), coords.flatten(0, 1)).unflatten(0, (num_layers, batch))
+            # fold layers into the point axis so the padded targets are read in one call, without L copies
+            tgt = point_sample(padded.masks, coords.transpose(0, 1).flatten(1, 2))  # (B, K, L * P)
+            tgt = tgt.unflatten(-1, (num_layers, -1)).permute(2, 0, 1, 3)  # (L, B, K, P)
+        else:  # every location: images flattened, point clouds as they are
+            pred, tgt = masks.flatten(3) if masks.dim() == 5 else masks, grid_targets[None]
+        pairwise_mask = _MASK_LOSSES[self.mask_loss][0]
+        return (self.weight_dict["loss_mask"] * pairwise_mask(pred, tgt)
+                + self.weight_dict["loss_ce"] * cost_class
+                + self.weight_dict["loss_dice"] * pairwise_dice(pred, tgt))
+
+    def layer_losses(
+        self,
+        pred_logits: Tensor,
+        pred_masks: Tensor,
+        targets: Sequence[dict[str, Tensor]],
+        num_masks: Tensor,
+        *,
+        indices: tuple[Tensor, Tensor, Tensor] | None = None,
+        padded: PaddedTargets | None = None,
+        grid_targets: Tensor | None = None,
+        loss_draws: tuple[Tensor, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """``loss_ce``, ``loss_mask``, ``loss_dice`` of one layer; matches it first when called on its own."""
+        if indices is None:
+            context = self.layer_context([(pred_logits, pred_masks)], targets)[0]
+            return self.layer_losses(pred_logits, pred_masks, targets, num_masks, **context)
+        return {
+            "loss_ce": self.loss_labels(pred_logits, padded, indices),
+            **self.loss_masks(pred_masks, padded, grid_targets, indices, num_masks, loss_draws),
+        }
+
+    def loss_labels(self, pred_logits: Tensor, padded: PaddedTargets, indices: tuple[Tensor, ...]) -> Tensor:
+        """Weighted cross-entropy over all ``B * Q`` queries; unmatched queries target "no object"."""
+        batch_idx, query_idx, inst_idx = indices
+        target = torch.full(pred_logits.shape[:2], self.num_classes, dtype=torch.int64, device=pred_logits.device)
+        target[batch_idx, query_idx] = padded.labels[batch_idx, inst_idx]
+        weight = self.empty_weight.to(pred_logits.dtype)
+        return F.cross_entropy(pred_logits.transpose(1, 2), target, weight=weight)
+
+    def loss_masks(
+        self,
+        pred_masks: Tensor,
+        padded: PaddedTargets,
+        grid_targets: Tensor | None,
+        indices: tuple[Tensor, ...],
+        num_masks: Tensor,
+        draws: tuple[Tensor, Tensor] | None,
+    ) -> dict[str, Tensor]:
+        """Mask terms of the ``N`` matched pairs on uncertainty-sampled points (or every location)."""
+        batch_idx, query_idx, inst_idx = indices
+        if batch_idx.numel() == 0:  # no instance anywhere: zero, but still attached to the graph
+            zero = pred_masks.sum() * 0.0 + 0.0  # "+ 0.0" turns a -0.0 into 0.0 for logs
+            return {"loss_mask": zero, "loss_dice": zero.clone()}
+        src = pred_masks[batch_idx, query_idx]  # (N, H, W) or (N, P)
+        if self._sampled(pred_masks):
+            with torch.no_grad():  # the coordinates are data, not a function of the parameters
+                coords = uncertainty_point_coords(src[:, None], self.num_points, self.oversample_ratio,
+                                                  self.importance_sample_ratio, random_draws=draws)
+                labels = point_sample(padded.masks[batch_idx, inst_idx][:, None], coords)[:, 0]
+            logits = point_sample(src[:, None], coords)[:, 0]
+        else:
+            logits, labels = src.flatten(1), grid_targets[batch_idx, inst_idx]
+        mask_fn = _MASK_LOSSES[self.mask_loss][1]
+        return {"loss_mask": mask_fn(logits, labels, num_masks), "loss_dice": dice_loss(logits, labels, num_masks)}
+
+
+# mask_loss name -> (pairwise form for the matching cost, matched form for the loss)
+_MASK_LOSSES = {"bce": (pairwise_sigmoid_bce, sigmoid_bce_loss), "brier": (pairwise_brier, brier_loss)}
