@@ -125,8 +125,7 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs: dict[str, Any], targets: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         """All terms of the final layer (unsuffixed) and aux layers (``_i``), plus ``"loss"``, the weighted sum."""
-        layers = [(outputs["pred_logits"], outputs["pred_masks"])]
-        layers += [(aux["pred_logits"], aux["pred_masks"]) for aux in outputs.get("aux_outputs", None) or []]
+        layers = decoder_layers(outputs)
         validate_inputs(layers, targets, self.num_classes)
         num_masks = reduced_num_masks(targets, layers[0][0].device)
         contexts = self.layer_context(layers, targets)
@@ -146,6 +145,17 @@ class SetCriterion(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- validation
+
+
+def decoder_layers(outputs: dict[str, Any]) -> list[Layer]:
+    """``[(pred_logits, pred_masks)]`` of the final layer, then of each ``aux_outputs`` entry in order."""
+    entries = [("outputs", outputs)]
+    entries += [(f"outputs['aux_outputs'][{i}]", aux) for i, aux in enumerate(outputs.get("aux_outputs") or [])]
+    for where, entry in entries:
+        missing = [k for k in ("pred_logits", "pred_masks") if k not in entry]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {missing}; expected 'pred_logits' and 'pred_masks'")
+    return [(entry["pred_logits"], entry["pred_masks"]) for _, entry in entries]
 
 
 def validate_inputs(layers: list[Layer], targets: Sequence[dict[str, Tensor]], num_classes: int) -> None:
@@ -232,8 +242,9 @@ class PaddedTargets(NamedTuple):
 def pad_targets(targets: Sequence[dict[str, Tensor]], device: torch.device) -> PaddedTargets:
     """Stack per-image targets into padded tensors; spatial sizes that differ are zero-padded bottom/right.
 
-    The spatial padding mirrors HF/Mask2Former's ``nested_tensor_from_tensor_list``, so uniform point
-    coordinates refer to the same padded frame as theirs.
+    Targets are aligned top-left with the predictions, as Mask2Former's ``prepare_targets`` pads every target
+    to the batch's padded image. (HF pads in its loss but not in its matcher, so with targets of different
+    sizes HF's matching reads each target in its own frame; ours and Mask2Former's use the padded frame.)
     """
     sizes = [len(t["labels"]) for t in targets]
     labels = pad_sequence([t["labels"].to(device, torch.int64) for t in targets], batch_first=True)
@@ -353,7 +364,6 @@ class HungarianCriterion(SetCriterion):
         ``coords (L, B, P, 2)``: the uniform points of each (layer, image), shared by its queries and instances.
         """
         logits = torch.stack([lg for lg, _ in layers]).float()  # (L, B, Q, C+1)
-        masks = torch.stack([m for _, m in layers]).float()  # (L, B, Q, *spatial)
         num_layers, batch, num_queries = logits.shape[:3]
         labels = padded.labels[None, :, None, :].expand(num_layers, batch, num_queries, -1)
         # -p[class] instead of the NLL, as DETR: the constant 1 of "1 - p" does not change the assignment
@@ -361,12 +371,15 @@ class HungarianCriterion(SetCriterion):
         if padded.masks.shape[1] == 0:
             return cost_class
         if coords is not None:
-            pred = point_sample(masks.flatten(0, 1), coords.flatten(0, 1)).unflatten(0, (num_layers, batch))
+            # sample each layer's masks (queries as channels) and stack only the points: (L, B, Q, P), never
+            # an (L, B, Q, H, W) copy of the masks
+            pred = torch.stack([point_sample(m.float(), c) for (_, m), c in zip(layers, coords)])
             # fold layers into the point axis so the padded targets are read in one call, without L copies
             tgt = point_sample(padded.masks, coords.transpose(0, 1).flatten(1, 2))  # (B, K, L * P)
             tgt = tgt.unflatten(-1, (num_layers, -1)).permute(2, 0, 1, 3)  # (L, B, K, P)
         else:  # every location: images flattened, point clouds as they are
-            pred, tgt = masks.flatten(3) if masks.dim() == 5 else masks, grid_targets[None]
+            pred = torch.stack([m.float().flatten(2) for _, m in layers])
+            tgt = grid_targets[None]
         pairwise_mask = _MASK_LOSSES[self.mask_loss][0]
         return (self.weight_dict["loss_mask"] * pairwise_mask(pred, tgt)
                 + self.weight_dict["loss_ce"] * cost_class

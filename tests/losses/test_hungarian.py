@@ -15,7 +15,7 @@ from influencerformer.losses.criterion import (
     suffixed,
 )
 from influencerformer.losses.mask_losses import brier_loss, dice_loss
-from influencerformer.losses.sampling import grid_point_coords, target_masks_at_prediction_grid
+from influencerformer.losses.sampling import grid_point_coords
 
 C = 4  # foreground classes
 
@@ -275,6 +275,8 @@ def test_structural_errors():
         HungarianCriterion(C)(outputs, targets[:1])
     with pytest.raises(ValueError, match=r"pred_logits: expected \(B, Q, num_classes \+ 1 = 4\), got \(2, 10, 5\)"):
         HungarianCriterion(C - 1)(outputs, targets)
+    with pytest.raises(ValueError, match=r"outputs\['aux_outputs'\]\[1\]: missing key\(s\) \['pred_masks'\]"):
+        HungarianCriterion(C)({**outputs, "aux_outputs": [outputs["aux_outputs"][0], {"pred_logits": None}]}, targets)
     outputs["aux_outputs"][0]["pred_masks"] = outputs["aux_outputs"][0]["pred_masks"][:, :5]
     with pytest.raises(ValueError, match=r"aux_outputs\[0\]: expected pred_logits"):
         HungarianCriterion(C)(outputs, targets)
