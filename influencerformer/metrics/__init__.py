@@ -10,9 +10,12 @@ from influencerformer.metrics.diagnostics import (
     mask_iou,
     query_usage,
 )
+from influencerformer.metrics.instance3d import instance_ap_3d, semantic_miou_3d
 from influencerformer.metrics.semantic import MeanIoU, PanopticQuality, mean_iou, panoptic_quality
 
 __all__ = [
+    "instance_ap_3d",
+    "semantic_miou_3d",
     "MeanIoU",
     "PanopticQuality",
     "assignment_stability",

@@ -1,0 +1,265 @@
+"""A pure-PyTorch point-cloud query model: voxel backbone + the shared QueryDecoder.
+
+Points are voxelised on a grid (5 cm by default) with one `torch.unique` over integer keys; a
+point MLP is averaged into its voxel. The backbone is a small U-shaped stack over voxel grids of
+1, 2, 4, ... times the voxel size: on each grid, residual blocks mix every voxel with the mean of
+its existing 3×3×3 neighbours (found by hashing: `searchsorted` of neighbour keys among the
+sorted voxel keys), grids are pooled by scatter-mean and added back coarse-to-fine. The finest
+voxels are the decoder's memory and its mask locations (so masked attention works as in
+Mask2Former); the voxel masks are then gathered back to the points. No compiled extensions.
+
+Scenes in a batch have the same number of points N (sample them to a fixed count) but any
+number of voxels: the backbone works on all voxels of the batch at once, the decoder per scene.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .query_decoder import MLP, QueryDecoder
+
+
+@dataclass
+class PointModelConfig:
+    """Hyper-parameters of `PointQueryModel` (defaults: a small model for one GPU).
+
+    num_classes: C classes (class head C + 1, last = no object). num_queries: Q.
+    hidden_dim: width of voxel features, memory, queries and mask features.
+    num_decoder_layers / nheads / dim_feedforward: the QueryDecoder's.
+    voxel_size: finest grid in metres. num_levels: grids of voxel_size · 2^l, l < num_levels.
+    blocks_per_level: neighbourhood blocks on each grid. masked_attention: Mask2Former's.
+    """
+
+    num_classes: int = 13
+    num_queries: int = 100
+    hidden_dim: int = 128
+    num_decoder_layers: int = 6
+    nheads: int = 8
+    dim_feedforward: int = 512
+    voxel_size: float = 0.05
+    num_levels: int = 4
+    blocks_per_level: int = 2
+    masked_attention: bool = True
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_classes",
+            "num_queries",
+            "hidden_dim",
+            "num_decoder_layers",
+            "nheads",
+            "dim_feedforward",
+            "num_levels",
+            "blocks_per_level",
+        ):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"PointModelConfig.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.hidden_dim % self.nheads:
+            raise ValueError(
+                f"PointModelConfig.hidden_dim: expected a multiple of nheads ({self.nheads}), got {self.hidden_dim}"
+            )
+        if not self.voxel_size > 0:
+            raise ValueError(f"PointModelConfig.voxel_size: expected > 0, got {self.voxel_size}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FOURIER_DIM = 3 + 6 * 6  # fourier_features with its default 6 bands
+# 3×3×3 neighbourhood offsets, the centre included
+_OFFSETS = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
+
+
+@dataclass
+class VoxelLevel:
+    """One grid: voxel batch index (V_l,), integer cell (V_l, 3), neighbours (V_l, 27) (-1 = empty),
+    and `parent` (V_{l-1},): index of each finer voxel's cell on this grid (None on the finest)."""
+
+    batch: torch.Tensor
+    cell: torch.Tensor
+    neighbours: torch.Tensor
+    parent: torch.Tensor | None
+
+
+def _keys(batch: torch.Tensor, cell: torch.Tensor, size: int) -> torch.Tensor:
+    """One int64 key per (batch, cell), cells in [-1, size - 1): ordered by batch first."""
+    c = cell + 1
+    return ((batch * size + c[..., 0]) * size + c[..., 1]) * size + c[..., 2]
+
+
+def _neighbours(keys: torch.Tensor, batch: torch.Tensor, cell: torch.Tensor, size: int) -> torch.Tensor:
+    """(V, 27) index of each voxel's 3×3×3 neighbours among sorted `keys`, -1 where the cell is empty."""
+    want = _keys(batch[:, None], cell[:, None, :] + _OFFSETS.to(cell.device), size)  # (V, 27)
+    idx = torch.searchsorted(keys, want).clamp(max=len(keys) - 1)
+    return torch.where(keys[idx] == want, idx, -1)
+
+
+def voxelize(coords: torch.Tensor, voxel_size: float, num_levels: int) -> tuple[torch.Tensor, list[VoxelLevel]]:
+    """Voxel grids of a batch of scenes coords (B, N, 3).
+
+    Returns point_to_voxel (B, N): index of each point's voxel among the finest grid's V_0 voxels
+    (flat over the batch, sorted by scene), and the grids finest first."""
+    b, n, _ = coords.shape
+    cell = ((coords - coords.amin(1, keepdim=True)) / voxel_size).floor().long()  # per-scene origin
+    size = int(cell.max()) + 3 if cell.numel() else 3  # room for the -1 / +1 neighbour offsets
+    batch = torch.arange(b, device=coords.device)[:, None].expand(b, n)
+    keys, point_to_voxel = torch.unique(_keys(batch, cell, size).reshape(-1), return_inverse=True)
+    v_batch = torch.zeros_like(keys).scatter_(0, point_to_voxel, batch.reshape(-1))
+    v_cell = torch.zeros(len(keys), 3, dtype=torch.long, device=coords.device)
+    v_cell.index_copy_(0, point_to_voxel, cell.reshape(-1, 3))  # every point of a voxel has its cell
+    levels = [VoxelLevel(v_batch, v_cell, _neighbours(keys, v_batch, v_cell, size), None)]
+    for _ in range(1, num_levels):
+        fine = levels[-1]
+        coarse_cell = torch.div(fine.cell, 2, rounding_mode="floor")
+        keys, parent = torch.unique(_keys(fine.batch, coarse_cell, size), return_inverse=True)
+        batch_l = torch.zeros_like(keys).scatter_(0, parent, fine.batch)
+        cell_l = torch.zeros(len(keys), 3, dtype=torch.long, device=coords.device).index_copy_(0, parent, coarse_cell)
+        levels.append(VoxelLevel(batch_l, cell_l, _neighbours(keys, batch_l, cell_l, size), parent))
+    return point_to_voxel.reshape(b, n), levels
+
+
+def fourier_features(xyz: torch.Tensor, num_bands: int = 6, min_wavelength: float = 0.2) -> torch.Tensor:
+    """xyz (..., 3) metres → (..., 3 + 6·num_bands): xyz, then sin and cos at wavelengths
+    min_wavelength · 2^k. Plain coordinates through an MLP only give smooth functions of position;
+    masks need sharp ones (the usual NeRF / Fourier-feature argument)."""
+    freq = 2 * torch.pi / (min_wavelength * 2.0 ** torch.arange(num_bands, device=xyz.device, dtype=xyz.dtype))
+    angles = (xyz[..., None] * freq).flatten(-2)
+    return torch.cat([xyz, angles.sin(), angles.cos()], -1)
+
+
+def scatter_mean(x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Mean of rows x (M, D) grouped by index (M,) into (size, D)."""
+    total = x.new_zeros(size, x.shape[1]).index_add_(0, index, x)
+    count = torch.bincount(index, minlength=size).clamp(min=1).to(x.dtype)
+    return total / count[:, None]
+
+
+class NeighbourBlock(nn.Module):
+    """Residual block on one voxel grid: x (V, D) → x + MLP([x, mean of non-empty 3×3×3 neighbours])."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(2 * dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        found = neighbours >= 0
+        total = torch.zeros_like(h)
+        # 27 gathers of (V, D) instead of one (V, 27, D) tensor: memory stays O(V·D) on big rooms
+        for k in range(neighbours.shape[1]):
+            total = total + h[neighbours[:, k].clamp(min=0)] * found[:, k, None]
+        mean = total / found.sum(1, keepdim=True).clamp(min=1)
+        return x + self.mlp(torch.cat([h, mean], 1))
+
+
+class VoxelBackbone(nn.Module):
+    """Point MLP averaged into voxels, then a U-shaped stack of NeighbourBlocks over the grids:
+    down (pool by scatter-mean, blocks on each grid), then up (each coarse grid's features added
+    to its finer children through a linear layer). Returns finest-voxel features (V_0, D)."""
+
+    def __init__(self, cfg: PointModelConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_dim
+        # inputs: rgb, Fourier features of the position in the scene (centred), offset inside the voxel
+        self.point_mlp = MLP(3 + _FOURIER_DIM + 3, d, d, 2)
+        self.down = nn.ModuleList(
+            nn.ModuleList(NeighbourBlock(d) for _ in range(cfg.blocks_per_level)) for _ in range(cfg.num_levels)
+        )
+        self.up = nn.ModuleList(nn.Linear(d, d) for _ in range(cfg.num_levels - 1))
+        self.norm = nn.LayerNorm(d)
+        self.voxel_size = cfg.voxel_size
+
+    def forward(
+        self, coords: torch.Tensor, colors: torch.Tensor, point_to_voxel: torch.Tensor, levels: list[VoxelLevel]
+    ) -> torch.Tensor:
+        centred = coords - coords.mean(1, keepdim=True)
+        inside = torch.remainder(coords - coords.amin(1, keepdim=True), self.voxel_size) / self.voxel_size - 0.5
+        x = self.point_mlp(torch.cat([colors, fourier_features(centred), inside], -1)).reshape(
+            -1, self.point_mlp.layers[-1].out_features
+        )
+        x = scatter_mean(x, point_to_voxel.reshape(-1), len(levels[0].batch))
+        skips = []
+        for level, blocks in zip(levels, self.down):
+            if level.parent is not None:
+                x = scatter_mean(x, level.parent, len(level.batch))
+            for block in blocks:
+                x = block(x, level.neighbours)
+            skips.append(x)
+        for lvl in range(len(levels) - 1, 0, -1):  # coarse to fine
+            x = skips[lvl - 1] + self.up[lvl - 1](x)[levels[lvl].parent]
+        return self.norm(x)
+
+
+class PointQueryModel(nn.Module):
+    """``forward(coords (B, N, 3) metres, colors (B, N, 3) in [0, 1])`` →
+    ``{"pred_logits": (B, Q, C+1), "pred_masks": (B, Q, N) point mask logits,
+    "aux_outputs": [num_decoder_layers dicts of the same], "point_to_voxel": (B, N)}``.
+
+    Masks are predicted per finest voxel and read at each point's voxel, so every point of a voxel
+    shares its logit. The backbone runs on the whole batch; the decoder once per scene.
+    """
+
+    def __init__(self, cfg: PointModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_dim
+        self.backbone = VoxelBackbone(cfg)
+        self.pos_mlp = MLP(_FOURIER_DIM, d, d, 2)
+        self.mask_proj = nn.Linear(d, d)
+        self.decoder = QueryDecoder(
+            num_classes=cfg.num_classes,
+            hidden_dim=d,
+            num_queries=cfg.num_queries,
+            num_layers=cfg.num_decoder_layers,
+            nheads=cfg.nheads,
+            dim_feedforward=cfg.dim_feedforward,
+            mask_dim=d,
+            masked_attention=cfg.masked_attention,
+        )
+
+    def forward(self, coords: torch.Tensor, colors: torch.Tensor) -> dict:
+        if coords.dim() != 3 or coords.shape[-1] != 3 or colors.shape != coords.shape:
+            raise ValueError(
+                f"PointQueryModel: expected coords and colors (B, N, 3), got {tuple(coords.shape)} "
+                f"and {tuple(colors.shape)}"
+            )
+        b = coords.shape[0]
+        with torch.no_grad():  # the grids are integer bookkeeping, not a gradient path
+            point_to_voxel, levels = voxelize(coords, self.cfg.voxel_size, self.cfg.num_levels)
+        feats = self.backbone(coords, colors, point_to_voxel, levels)
+        batch = levels[0].batch
+        centres = (levels[0].cell.float() + 0.5) * self.cfg.voxel_size
+        centres = centres - scatter_mean(centres, batch, b)[batch]  # positions relative to the scene's middle
+        counts = torch.bincount(batch, minlength=b)
+        first = counts.cumsum(0) - counts
+        per_scene = zip(
+            feats.split(counts.tolist()),
+            self.mask_proj(feats).split(counts.tolist()),
+            self.pos_mlp(fourier_features(centres)).split(counts.tolist()),
+        )
+        # the decoder runs per scene (as OneFormer3D's does): scenes have different voxel counts,
+        # and padding would leak into cross-attention through masked attention's empty-mask fallback
+        outs = [self.decoder([mem[None]], mf.T[None], [pos[None]]) for mem, mf, pos in per_scene]
+        local = point_to_voxel - first[:, None]  # (B, N): each point's voxel within its scene
+
+        def to_points(masks: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([m.gather(2, local[i][None, None].expand(1, m.shape[1], -1)) for i, m in enumerate(masks)])
+
+        def layer(get) -> dict:
+            return {
+                "pred_logits": torch.cat([get(o)["pred_logits"] for o in outs]),
+                "pred_masks": to_points([get(o)["pred_masks"] for o in outs]),
+            }
+
+        result = layer(lambda o: o)
+        result["aux_outputs"] = [layer(lambda o, i=i: o["aux_outputs"][i]) for i in range(self.cfg.num_decoder_layers)]
+        result["point_to_voxel"] = point_to_voxel
+        return result
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
