@@ -10,6 +10,12 @@ Padding: items of a batch have different numbers of instances ``K_i``; columns (
 mass are padding.  They are given a negligible mass (``exp(_LOG_TINY)``) instead of ``log 0 = -inf``
 so every potential and gradient stays finite, their (possibly garbage) costs are replaced by 0,
 and the returned plan is exactly 0 there.
+
+Speed (CPU): the log-sum-exp of the iterations is ``_logsumexp``, which clamps ``z - max`` at
+``_EXP_FLOOR = -80`` before ``exp``: ``torch.logsumexp`` lets terms below ``exp(-87)`` become float32
+denormals, whose arithmetic is ~20x slower on x86 and made the 30 iterations cost as much as all the
+pair terms (Q 400, K 100).  The clamp changes each sum by at most ``(K+1) e^-80 ~ 1e-33`` relative to
+its largest term (1), below float32 and float64 resolution, so the result is the same up to rounding.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ __all__ = ["sinkhorn"]
 # Log-mass given to zero-mass (padded) rows and columns: ~1e-26 of a unit of mass, far below
 # float32 resolution of the real masses, yet finite so no -inf - (-inf) = NaN can appear.
 _LOG_TINY = -60.0
+# Floor of the shifted exponents in ``_logsumexp``: exp(-80) ~ 1.8e-35 is still a normal float32.
+_EXP_FLOOR = -80.0
 
 
 def _check_sinkhorn_inputs(cost: Tensor, row_mass: Tensor, col_mass: Tensor, epsilon: float, iters: int) -> None:
@@ -35,6 +43,18 @@ def _check_sinkhorn_inputs(cost: Tensor, row_mass: Tensor, col_mass: Tensor, eps
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
+
+
+def _logsumexp(z: Tensor, dim: int) -> Tensor:
+    """``log(sum(exp(z), dim))`` for finite ``z``, without denormal intermediates (see module docstring).
+
+    The temporary ``z - max`` is updated in place unless autograd needs it (plan not detached).
+    """
+    top = z.amax(dim, keepdim=True)
+    shifted = z - top
+    if torch.is_grad_enabled() and shifted.requires_grad:
+        return shifted.clamp_min(_EXP_FLOOR).exp().sum(dim).log() + top.squeeze(dim)
+    return shifted.clamp_min_(_EXP_FLOOR).exp_().sum(dim).log_() + top.squeeze(dim)
 
 
 def _log_mass(mass: Tensor) -> Tensor:
@@ -77,8 +97,8 @@ def sinkhorn(
         u = torch.zeros_like(log_a)
         v = torch.zeros_like(log_b)
         for _ in range(iters):
-            v = log_b - torch.logsumexp(u.unsqueeze(-1) - c, dim=-2)
-            u = log_a - torch.logsumexp(v.unsqueeze(-2) - c, dim=-1)
+            v = log_b - _logsumexp(u.unsqueeze(-1) - c, dim=-2)
+            u = log_a - _logsumexp(v.unsqueeze(-2) - c, dim=-1)
             if tol is not None and _column_error(u, v, c, col_mass) < tol:
                 break
         plan = torch.exp(u.unsqueeze(-1) + v.unsqueeze(-2) - c) * live

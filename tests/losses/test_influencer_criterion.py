@@ -164,3 +164,148 @@ def test_bad_class_id_and_unknown_form_raise():
         MaskInfluencerCriterion(C, form="hungry")
     with pytest.raises(ValueError, match="epsilon must be > 0"):
         MaskInfluencerCriterion(C, epsilon=0)
+
+
+# ------------------------------------------------------------------------------ shared pixels (speed path)
+from influencerformer.losses import influencer_criterion as ic  # noqa: E402
+from influencerformer.losses.criterion import pad_targets  # noqa: E402
+from influencerformer.losses.sampling import point_sample, target_masks_at_prediction_grid  # noqa: E402
+
+
+class GridSampleReference(MaskInfluencerCriterion):
+    """The same criterion reading predictions and targets with ``point_sample`` (grid_sample) at the centres of
+    the pixels ``sample_pixels`` draws, and computing the pair terms with the plain autograd functions."""
+
+    def _target_points(self, targets, pred_masks, dtype):
+        index, pt = super()._target_points(targets, pred_masks, dtype)  # the same random draw
+        height, width = pred_masks.shape[2:]
+        self.coords = ic.pixel_centres(index, height, width, torch.float64)
+        masks = point_sample(pad_targets(targets, pred_masks.device).masks.double(), self.coords).to(dtype)
+        ones = torch.ones_like(masks[:, :1])
+        return index, pt._replace(masks=masks, masks_and_ones=torch.cat([masks, ones], 1))
+
+    def _pred_points(self, pred_masks, index):
+        return point_sample(pred_masks, self.coords.to(pred_masks.dtype))
+
+    def _pair_terms(self, pred_logits, pred_masks, index, tgt):
+        points = self._pred_points(pred_masks, index)
+        prob = pred_logits.softmax(-1).gather(-1, tgt.labels.unsqueeze(1).expand(-1, pred_logits.shape[1], -1))
+        return {"bce": pairwise_sigmoid_bce(points, tgt.masks), "dice": pairwise_dice(points, tgt.masks), "prob": prob}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("tgt_spatial", [(8, 8), (16, 16), (24, 8), (13, 10), (4, 6)])
+def test_pixel_gather_equals_grid_sample_at_pixel_centres(form, tgt_spatial):
+    """The index path (gather predictions, read targets at pixel centres) == point_sample at those centres,
+    values and gradients, for every target resolution: equal, integer multiples (odd, even), other ratios."""
+    targets = make_targets([3, 0], tgt_spatial, seed=8)
+    results = []
+    for cls in (MaskInfluencerCriterion, GridSampleReference):
+        outputs = make_outputs(2, (8, 8), num_aux=1, seed=8, dtype=torch.float64)
+        torch.manual_seed(0)
+        losses = cls(C, form=form, num_points=40, epsilon=0.2)(outputs, targets)
+        losses["loss"].backward()
+        grads = [layer[key].grad for layer in [outputs] + outputs["aux_outputs"]
+                 for key in ("pred_logits", "pred_masks")]
+        results.append((losses, grads))
+    (ours, our_grads), (ref, ref_grads) = results
+    assert set(ours) == set(ref)
+    for name in ours:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-9, atol=1e-12, msg=name)
+    for a, b in zip(our_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_num_points_at_least_the_grid_uses_every_pixel_without_randomness():
+    outputs, targets = make_outputs(2, (6, 5), seed=9), make_targets([2, 3], (12, 10), seed=9)
+    every = MaskInfluencerCriterion(C, num_points=None)(outputs, targets)
+    state = torch.get_rng_state()
+    for n in (30, 1000):
+        losses = MaskInfluencerCriterion(C, num_points=n)(outputs, targets)
+        for name in every:
+            torch.testing.assert_close(losses[name], every[name])
+    assert torch.equal(state, torch.get_rng_state())
+    grid = target_masks_at_prediction_grid(targets[1]["masks"], (6, 5))
+    pt = MaskInfluencerCriterion(C, num_points=None)._target_points(targets, outputs["pred_masks"], torch.float32)[1]
+    torch.testing.assert_close(pt.masks[1], grid)
+
+
+def test_sample_pixels_are_distinct_sorted_and_cover_the_grid():
+    torch.manual_seed(1)
+    index = ic.sample_pixels(3, 50, 8, 9)
+    assert index.shape == (3, 50) and index.dtype == torch.long
+    assert (index.diff(dim=1) > 0).all() and index.min() >= 0 and index.max() < 72
+    counts = torch.bincount(ic.sample_pixels(400, 36, 8, 9).flatten(), minlength=72).float()
+    assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()  # uniform: mean 200
+    with pytest.raises(ValueError, match="num_points must be in"):
+        ic.sample_pixels(1, 73, 8, 9)
+
+
+@pytest.mark.parametrize("tgt_spatial", [(6, 7), (12, 21), (18, 14), (13, 9), (3, 5)])
+@pytest.mark.parametrize("every_pixel", [False, True])
+def test_targets_at_pixels_equal_point_sample_at_centres(tgt_spatial, every_pixel):
+    gen = torch.Generator().manual_seed(2)
+    masks = [torch.rand(4, *tgt_spatial, generator=gen) > 0.5, torch.zeros(0, *tgt_spatial, dtype=torch.bool),
+             torch.rand(2, *tgt_spatial, generator=gen) > 0.5]
+    index = None if every_pixel else ic.sample_pixels(3, 20, 6, 7)
+    out = ic.targets_at_pixels(masks, index, (6, 7), torch.float64, torch.device("cpu"), ones_row=True)
+    assert out.shape == (3, 5, 42 if every_pixel else 20)
+    assert (out[:, -1] == 1).all() and (out[1, :-1] == 0).all() and (out[2, 2:-1] == 0).all()
+    for b, m in enumerate(masks):
+        if not len(m):
+            continue
+        pixels = torch.arange(42)[None] if every_pixel else index[b:b + 1]
+        want = point_sample(m.double()[None], ic.pixel_centres(pixels, 6, 7, torch.float64))[0]
+        torch.testing.assert_close(out[b, :len(m)], want, rtol=0, atol=1e-12)
+        if every_pixel:  # the num_points=None reference (float32 coordinates)
+            torch.testing.assert_close(out[b, :len(m)].float(), target_masks_at_prediction_grid(m, (6, 7)))
+    floats = [m.double() * 0.5 for m in masks]  # non-boolean masks take the general path
+    half = ic.targets_at_pixels(floats, index, (6, 7), torch.float64, torch.device("cpu"))
+    torch.testing.assert_close(half, out[:, :-1] * 0.5)
+
+
+@pytest.mark.parametrize("with_index", [True, False])
+@pytest.mark.parametrize("chunk", [None, 2 * 20 * 3])  # None: one chunk; else 3 queries per chunk (3, 3, 1)
+def test_pair_terms_node_values_and_gradients(monkeypatch, with_index, chunk):
+    if chunk is not None:
+        monkeypatch.setattr(ic, "_CPU_CHUNK_ELEMENTS", chunk)
+    gen = torch.Generator().manual_seed(3)
+    masks = (3 * torch.randn(2, 7, 6, 7, generator=gen, dtype=torch.float64)).requires_grad_()
+    masks.data[0, 0, 0, :3] = torch.tensor([-120.0, 60.0, 0.0], dtype=torch.float64)  # saturated logits
+    index = ic.sample_pixels(2, 20, 6, 7) if with_index else None
+    p = 20 if with_index else 42
+    tgt = torch.rand(2, 3, p, generator=gen, dtype=torch.float64).round()
+    tgt1 = torch.cat([tgt, torch.ones(2, 1, p, dtype=torch.float64)], 1)
+
+    def node(m):
+        return ic._PairTerms.apply(m.flatten(2), index, tgt1)
+
+    points = masks.flatten(2) if index is None else masks.flatten(2).gather(2, index[:, None].expand(-1, 7, -1))
+    bce, dice = node(masks)
+    torch.testing.assert_close(bce, pairwise_sigmoid_bce(points, tgt), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dice, pairwise_dice(points, tgt), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(node, (masks,))  # several backward passes: also the retain_graph path
+    w1, w2 = torch.rand(2, 7, 3, generator=gen, dtype=torch.float64), torch.rand(2, 7, 3, generator=gen,
+                                                                                 dtype=torch.float64)
+    bce, dice = node(masks)
+    loss = (w1 * bce + w2 * dice).sum()
+    first = torch.autograd.grad(loss, masks, retain_graph=True)[0]
+    second = torch.autograd.grad(loss, masks)[0]  # s is recomputed: the first backward reused its buffer
+    want = torch.autograd.grad((w1 * pairwise_sigmoid_bce(points, tgt) + w2 * pairwise_dice(points, tgt)).sum(),
+                               masks)[0]
+    torch.testing.assert_close(first, want)
+    torch.testing.assert_close(second, want)
+
+
+def test_pair_terms_node_half_precision_masks():
+    gen = torch.Generator().manual_seed(4)
+    masks = torch.randn(2, 5, 6, 7, generator=gen).bfloat16().requires_grad_()
+    index = ic.sample_pixels(2, 20, 6, 7)
+    tgt = torch.rand(2, 3, 20, generator=gen).round()
+    bce, dice = ic._PairTerms.apply(masks.flatten(2), index, torch.cat([tgt, torch.ones(2, 1, 20)], 1))
+    assert bce.dtype == dice.dtype == torch.float32
+    (bce.sum() + dice.sum()).backward()
+    assert masks.grad.dtype == torch.bfloat16 and torch.isfinite(masks.grad).all()
+    points = masks.detach().float().flatten(2).gather(2, index[:, None].expand(-1, 5, -1))
+    torch.testing.assert_close(bce, pairwise_sigmoid_bce(points, tgt))
+    torch.testing.assert_close(dice, pairwise_dice(points, tgt))

@@ -1,0 +1,266 @@
+"""``influencerformer {train,evaluate,predict,compare,bench}`` — the command line.
+
+This file only turns arguments into a :class:`Config` (or paths) and calls the engine; library code
+never sees the argparse namespace. Bad input (unknown criterion, missing data root, bad override key)
+prints one line and exits with status 2; a diverging run (non-finite loss) exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from influencerformer.engine.config import ConfigError
+
+BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "loss_speed.py"
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show every option's default in --help, keep the descriptions' line breaks."""
+
+
+# --------------------------------------------------------------------------------------------- parsers
+
+
+def _add_config_options(p: argparse.ArgumentParser, *, with_criterion: bool = True) -> None:
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="YAML config (sections data, model, criterion, optim, train); none = built-in defaults "
+                        "(shapes2d medium preset, tiny model)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a config value, repeatable: train.steps=200, model.num_queries=50, "
+                        "criterion.epsilon=0.05 (values parsed as YAML; applied after every other option)")
+    p.add_argument("--data", choices=("shapes2d", "coco"), default=None,
+                   help="dataset (data.name); none = the config's (shapes2d by default)")
+    p.add_argument("--data-root", metavar="PATH", default=None,
+                   help="COCO root holding annotations/instances_{train,val}*.json and the image folders (data.root)")
+    if with_criterion:
+        p.add_argument("--criterion", metavar="NAME", default=None,
+                       help="loss: hungarian, influencer, transport, ownership or seed (criterion.name); "
+                            "none = the config's (hungarian by default)")
+    p.add_argument("--steps", type=int, metavar="N", default=None, help="training steps (train.steps)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (train.device); none = the config's")
+
+
+def _train_parser(sub: Any) -> None:
+    p = sub.add_parser("train", help="train one model", formatter_class=_Formatter,
+                       description="Train one model. Multi-process: torchrun --nproc_per_node N -m influencerformer "
+                                   "train ...")
+    _add_config_options(p)
+    p.add_argument("--seed", type=int, default=None, help="seed of init, data order and sampling (train.seed)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="run directory for config.yaml, metrics.jsonl, checkpoints/ (train.out_dir)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in the run directory; without --config the run's "
+                        "saved config.yaml is used")
+    p.add_argument("--stop-at", type=int, metavar="STEP", default=None,
+                   help="stop after STEP with a checkpoint, as if killed (the schedule still spans --steps)")
+
+
+def _evaluate_parser(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on the val split", formatter_class=_Formatter,
+                       description="Evaluate a checkpoint: COCO mask AP/AP50/AP75, F1, duplicate rate, PQ.")
+    p.add_argument("checkpoint", help="a checkpoint file or a run directory (its latest checkpoint)")
+    p.add_argument("--output", metavar="FILE", default=None,
+                   help="metrics JSON to write; none = eval_step<N>.json next to the run's checkpoints/")
+    p.add_argument("--data", choices=("shapes2d", "coco"), default=None, help="dataset; none = the training one")
+    p.add_argument("--data-root", metavar="PATH", default=None, help="COCO root; none = the training one")
+    p.add_argument("--num-images", type=int, metavar="N", default=None,
+                   help="evaluate the first N val images; none = the training config's data.num_val")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a value of the checkpoint's config (e.g. data.batch_size=4), repeatable")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _predict_parser(sub: Any) -> None:
+    p = sub.add_parser("predict", help="draw predicted instances as PNG overlays", formatter_class=_Formatter,
+                       description="Draw each predicted instance (mask, class name, score) over its image.")
+    p.add_argument("checkpoint", help="a checkpoint file or a run directory (its latest checkpoint)")
+    p.add_argument("--images", metavar="DIR", default=None,
+                   help="folder of .png/.jpg images to predict; none = the first --num-images val images")
+    p.add_argument("--num-images", type=int, metavar="N", default=8, help="val images to draw (without --images)")
+    p.add_argument("--image-size", type=int, metavar="PX", default=None,
+                   help="resize folder images so the longer side is PX; none = the training image size")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="draw instances scoring above this")
+    p.add_argument("--out", metavar="DIR", default=None, help="output folder; none = <run dir>/predictions")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a value of the checkpoint's config (e.g. data.num_val=100), repeatable")
+    p.add_argument("--data", choices=("shapes2d", "coco"), default=None, help="dataset; none = the training one")
+    p.add_argument("--data-root", metavar="PATH", default=None, help="COCO root; none = the training one")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _compare_parser(sub: Any) -> None:
+    p = sub.add_parser("compare", help="train the same model once per criterion and write a report",
+                       formatter_class=_Formatter,
+                       description="Same model, data, data order and seed; only the loss differs. Writes "
+                                   "report.md, results.json, curves.png, masks.png and runs/ into --out.")
+    _add_config_options(p, with_criterion=False)
+    p.add_argument("--criteria", nargs="+", metavar="NAME", default=["hungarian", "influencer"],
+                   help="registered criteria to compare")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", default=[0], help="one run per seed and criterion")
+    p.add_argument("--eval-every", type=int, metavar="N", default=None,
+                   help="evaluate every N steps (train.eval_every); none = the config's")
+    p.add_argument("--num-images", type=int, metavar="N", default=4, help="val images shown in masks.png")
+    p.add_argument("--out", metavar="DIR", default="runs/compare", help="report folder")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each run from its latest checkpoint in --out/runs (finished runs are reused)")
+
+
+def _bench_parser(sub: Any) -> None:
+    p = sub.add_parser("bench", help="loss speed benchmark (benchmarks/loss_speed.py)", formatter_class=_Formatter,
+                       description="Runs benchmarks/loss_speed.py with the remaining arguments; "
+                                   "see `influencerformer bench -- --help` for its options.")
+    p.add_argument("args", nargs=argparse.REMAINDER, default=[],
+                   help="arguments passed to benchmarks/loss_speed.py (after an optional --)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="influencerformer", formatter_class=_Formatter,
+                                     description="Query segmentation trained with and without Hungarian matching.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,compare,bench}")
+    for add in (_train_parser, _evaluate_parser, _predict_parser, _compare_parser, _bench_parser):
+        add(sub)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------- commands
+
+
+def _overrides(args: argparse.Namespace, **extra: Any) -> list[str]:
+    """Dedicated options as ``section.key=value`` overrides; --set items last so they win."""
+    mapping = {"data": "data.name", "data_root": "data.root", "criterion": "criterion.name", "steps": "train.steps",
+               "device": "train.device", "seed": "train.seed", "out": "train.out_dir", "eval_every": "train.eval_every"}
+    values = {**{k: getattr(args, k, None) for k in mapping}, **extra}
+    items = [f"{mapping[k]}={json.dumps(v) if isinstance(v, str) else v}" for k, v in values.items() if v is not None]
+    return items + list(args.overrides)
+
+
+def _data_overrides(args: argparse.Namespace, *extra: str) -> list[str]:
+    """evaluate/predict: only the data may change (the model is what the checkpoint holds); --set last."""
+    items = [f"data.name={args.data}"] if args.data else []
+    items += [f"data.root={json.dumps(args.data_root)}"] if args.data_root else []
+    return items + list(extra) + list(args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from influencerformer.engine.config import load_config
+    from influencerformer.engine.train import train
+
+    config = args.config
+    if args.resume and config is None and args.out and (Path(args.out) / "config.yaml").is_file():
+        config = Path(args.out) / "config.yaml"  # a resumed run continues with the config it started with
+    if args.stop_at is not None and args.stop_at < 1:
+        raise ConfigError(f"--stop-at must be ≥ 1, got {args.stop_at}")
+    cfg = load_config(config, _overrides(args))
+    result = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary (rank 0 holds the evaluation)
+        print(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=1))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from influencerformer.engine.checkpoint import resolve_checkpoint
+    from influencerformer.engine.evaluate import evaluate_checkpoint
+
+    extra = [f"data.num_val={args.num_images}"] if args.num_images is not None else []
+    metrics = evaluate_checkpoint(args.checkpoint, _data_overrides(args, *extra), device=args.device)
+    ckpt_path = resolve_checkpoint(args.checkpoint)
+    output = Path(args.output) if args.output else ckpt_path.parent.parent / f"eval_step{metrics['step']}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(metrics, indent=1))
+    print(json.dumps(metrics, indent=1))
+    print(f"wrote {output}", file=sys.stderr)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from matplotlib.figure import Figure
+
+    from influencerformer.engine.checkpoint import resolve_checkpoint
+    from influencerformer.engine.config import build_dataset
+    from influencerformer.engine.evaluate import draw_instances, load_images, load_trained, predict_instances
+    from influencerformer.engine.distributed import pick_device
+
+    ckpt_path = resolve_checkpoint(args.checkpoint)
+    if args.num_images < 1:
+        raise ConfigError(f"--num-images must be ≥ 1, got {args.num_images}")
+    model, cfg, info, _ = load_trained(ckpt_path, pick_device(args.device), _data_overrides(args))
+    if args.images is None:
+        val_set, _ = build_dataset(cfg.data, "val")
+        items = [val_set[i] for i in range(min(args.num_images, len(val_set)))]
+        named = [(f"val_{int(it['image_id'])}.png", it["image"]) for it in items]
+    else:
+        size = args.image_size or cfg.data.image_size or _training_size(cfg)
+        named = [(Path(name).stem + ".png", image) for name, image in load_images(args.images, size)]
+    out = Path(args.out) if args.out else ckpt_path.parent.parent / "predictions"
+    out.mkdir(parents=True, exist_ok=True)
+    preds = predict_instances(model, [image for _, image in named], score_threshold=args.score_threshold)
+    for (name, image), pred in zip(named, preds):
+        fig = Figure(figsize=(5, 5), layout="constrained")
+        draw_instances(fig.subplots(), image, pred, info.class_names, title=f"{name}: {len(pred['labels'])} instances")
+        fig.savefig(out / name, dpi=120)
+    print(f"wrote {len(named)} overlays to {out}")
+    return 0
+
+
+def _training_size(cfg: Any) -> int:
+    from influencerformer.engine.config import build_dataset
+
+    val_set, _ = build_dataset(cfg.data, "val")
+    return int(max(val_set[0]["image"].shape[-2:]))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from influencerformer.engine.compare import compare
+    from influencerformer.engine.config import load_config
+
+    if args.num_images < 1:
+        raise ConfigError(f"--num-images must be ≥ 1, got {args.num_images}")
+    cfg = load_config(args.config, _overrides(args, out=None))
+    results = compare(cfg, args.criteria, args.seeds, args.out, num_images=args.num_images, resume=args.resume)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote {args.out}/report.md, results.json, curves.png, masks.png ({len(results['runs'])} runs)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if not BENCH_SCRIPT.is_file():
+        raise ConfigError(f"benchmark script not found: {BENCH_SCRIPT} (bench needs a source checkout)")
+    spec = importlib.util.spec_from_file_location("influencerformer_loss_speed", BENCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = args.args[1:] if args.args[:1] == ["--"] else args.args
+    try:
+        return int(module.main(argv) or 0)
+    except SystemExit as exc:  # the script's own argparse (--help, bad usage)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
+            "bench": cmd_bench}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``influencerformer`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and on bad usage (2): return it instead
+        return int(exc.code or 0)
+    from influencerformer.engine.train import NonFiniteLossError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"influencerformer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as exc:
+        print(f"influencerformer {args.command}: training stopped: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"influencerformer {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,368 @@
+"""Typed run configuration: dataclasses with documented defaults, loaded from YAML, overridden by ``--set``.
+
+A run is fully described by one :class:`Config`; it is printed at start, saved as ``config.yaml`` in the
+run directory and stored inside every checkpoint, so a run can always be reproduced or resumed.
+
+Overrides use ``section.key=value`` with the value parsed as a YAML scalar (``train.steps=200``,
+``train.amp=bf16``, ``data.num_train=null``). Two sections hold open-ended keyword arguments:
+``model.<field>`` sets a field of the model preset (``MaskFormerConfig``) and ``criterion.<kwarg>``
+a keyword argument of the criterion's constructor; both are checked against what the target accepts.
+"""
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad user input in a config file, an override or a CLI option (reported without a traceback)."""
+
+
+# The defaults are the CPU comparison budget (configs/shapes2d_medium.yaml): shapes2d "medium" (64x64),
+# the tiny model, batch 8, 3000 steps — two criteria in about 10 minutes on 2 CPU cores.
+
+
+@dataclass
+class DataConfig:
+    name: str = "shapes2d"  # shapes2d | coco
+    preset: str = "medium"  # Shapes2D preset: default | medium | crowded (ignored for coco)
+    root: str | None = None  # COCO root (holds annotations/ and the image folders); required for coco
+    num_train: int | None = None  # training images (None = the preset's / the dataset's size)
+    num_val: int | None = 100  # validation images used for evaluation (None = all)
+    image_size: int | None = None  # square input size; None = the dataset's native size
+    batch_size: int = 8  # images per process per micro-batch (effective = batch × grad_accum × world)
+    workers: int = 0  # DataLoader worker processes (0 = load in the training process)
+    seed: int = 0  # seed of the synthetic data itself (fixed across training seeds: same images)
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"  # MaskFormerConfig preset: tiny | medium | crowded | base
+    overrides: dict[str, Any] = field(default_factory=dict)  # MaskFormerConfig fields to change
+
+
+@dataclass
+class CriterionConfig:
+    name: str = "hungarian"  # registered criterion: hungarian | influencer | transport | ownership | seed
+    # keyword arguments of the criterion; num_points=None = every location of the prediction grid, exact and
+    # cheap on small images (64x64 → 16x16 grid); set 12544 for Mask2Former's point sampling on large ones
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"num_points": None})
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # AdamW peak lr (tuned for the CPU budget; DESIGN's crowded recipe uses 5e-4)
+    weight_decay: float = 0.05  # AdamW decoupled weight decay (not applied to norms and biases)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 100  # linear warm-up from 0 to lr over this many optimiser steps
+    schedule: str = "cosine"  # cosine | poly | constant, after warm-up, down to min_lr_ratio × lr
+    poly_power: float = 0.9  # exponent of the poly schedule
+    min_lr_ratio: float = 0.0  # final lr as a fraction of lr
+    clip: float = 1.0  # max global grad norm (0 = no clipping)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000  # optimiser steps of the schedule
+    eval_every: int = 500  # evaluate every N steps and at the end (0 = only at the end)
+    checkpoint_every: int = 1000  # checkpoint every N steps and at the end (0 = only at the end)
+    keep_checkpoints: int = 2  # older step checkpoints are deleted
+    amp: str = "none"  # none | bf16 | fp16 (fp16 needs CUDA; bf16 works on CPU and CUDA)
+    grad_accum: int = 1  # micro-batches per optimiser step
+    seed: int = 0  # model init, data order and loss sampling
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    out_dir: str = "runs/default"  # run directory: config.yaml, metrics.jsonl, checkpoints/
+    log_every: int = 10  # write train terms to metrics.jsonl every N steps
+    tensorboard: bool = False  # also write TensorBoard scalars (needs the tensorboard package)
+    progress: bool = True  # show a tqdm bar
+    eval_topk: int = 100  # detections kept per image at evaluation
+    probe_images: int = 4  # training images of the fixed probe batch for assignment stability
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    criterion: CriterionConfig = field(default_factory=CriterionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+CHOICES = {
+    ("data", "name"): ("shapes2d", "coco"),
+    ("data", "preset"): ("default", "medium", "crowded"),
+    ("optim", "schedule"): ("cosine", "poly", "constant"),
+    ("train", "amp"): ("none", "bf16", "fp16"),
+}
+
+
+def _section_types(section: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(section))
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """Return ``value`` converted to ``hint`` (int → float allowed), or raise a ConfigError naming ``key``."""
+    args = typing.get_args(hint)
+    if type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint) or hint
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is float and isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if origin is int and isinstance(value, bool):  # YAML "true" is not a step count
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if isinstance(origin, type) and not isinstance(value, origin):
+        raise ConfigError(f"{key} must be {getattr(origin, '__name__', origin)}, got {value!r}")
+    return value
+
+
+def _set_field(cfg: Config, section: str, key: str, value: Any) -> None:
+    sec = getattr(cfg, section)
+    name = f"{section}.{key}"
+    value = _check_type(value, _section_types(sec)[key], name)
+    allowed = CHOICES.get((section, key))
+    if allowed is not None and value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+    setattr(sec, key, value)
+
+
+def model_fields() -> list[str] | None:
+    """Field names of MaskFormerConfig, or None while the models package is unavailable."""
+    try:
+        from influencerformer.models import MaskFormerConfig
+    except ImportError:
+        return None
+    return [f.name for f in fields(MaskFormerConfig)]
+
+
+def criterion_kwargs(name: str) -> list[str] | None:
+    """Keyword arguments accepted by criterion ``name`` (None = not known here: anything goes)."""
+    from influencerformer.losses.registry import CRITERIA
+
+    if name not in CRITERIA:
+        raise ConfigError(f"unknown criterion {name!r}; registered criteria: {', '.join(sorted(CRITERIA))}")
+    try:
+        cls = _criterion_class(name)
+    except ImportError:
+        return None
+    if cls is None:
+        return None
+    params = inspect.signature(cls.__init__).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.name not in ("self", "num_classes")]
+
+
+def _criterion_class(name: str) -> type | None:
+    """The class behind a built-in registry name (the registry builds lazily, so resolve it here)."""
+    if name == "hungarian":
+        from influencerformer.losses.criterion import HungarianCriterion
+
+        return HungarianCriterion
+    if name in ("influencer", "transport", "ownership", "seed"):
+        from influencerformer.losses.influencer_criterion import MaskInfluencerCriterion
+
+        return MaskInfluencerCriterion
+    return None  # registered by someone else: its constructor decides
+
+
+def _set_open_key(cfg: Config, section: str, key: str, value: Any) -> None:
+    """``model.<field>`` → model.overrides, ``criterion.<kwarg>`` → criterion.kwargs, both checked."""
+    if section == "model":
+        valid = model_fields()
+        target = cfg.model.overrides
+        own = ["preset", "overrides"]
+    else:
+        valid = criterion_kwargs(cfg.criterion.name)
+        target = cfg.criterion.kwargs
+        own = ["name", "kwargs"]
+    if valid is not None and key not in valid:
+        raise ConfigError(f"unknown key {section}.{key}; valid keys: {', '.join(own + sorted(valid))}")
+    target[key] = value
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """Apply one ``section.key=value`` override in place (value parsed as a YAML scalar)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    path, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse value of {path}: {raw!r} ({exc.__class__.__name__})") from None
+    parts = path.strip().split(".")
+    sections = [f.name for f in fields(Config)]
+    if parts[0] not in sections or len(parts) < 2:
+        raise ConfigError(f"unknown key {path!r}; sections: {', '.join(sections)} (use section.key=value)")
+    section, rest = parts[0], parts[1:]
+    sec = getattr(cfg, section)
+    own = [f.name for f in fields(sec)]
+    if section in ("model", "criterion") and rest[0] in ("overrides", "kwargs") and len(rest) == 2:
+        rest = rest[1:]  # model.overrides.x is the long form of model.x
+    elif len(rest) == 1 and rest[0] in own:
+        _set_field(cfg, section, rest[0], value)
+        return
+    if section in ("model", "criterion") and len(rest) == 1:
+        _set_open_key(cfg, section, rest[0], value)
+        return
+    raise ConfigError(f"unknown key {path!r}; valid keys of {section}: {', '.join(own)}")
+
+
+def from_dict(data: dict[str, Any] | None) -> Config:
+    """Build a Config from a nested dict (as in YAML); every key is checked like an override."""
+    cfg = Config()
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError("a config must be a mapping of sections (data, model, criterion, optim, train)")
+    sections = [f.name for f in fields(Config)]
+    for section, values in data.items():
+        if section not in sections:
+            raise ConfigError(f"unknown section {section!r}; sections: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"section {section!r} must be a mapping, got {values!r}")
+        # name/preset first: which keys are valid for criterion.* depends on the criterion's name
+        ordered = sorted(values.items(), key=lambda kv: kv[0] not in ("name", "preset"))
+        for key, value in ordered:
+            if key in ("overrides", "kwargs") and isinstance(value, dict):
+                for sub, subvalue in value.items():
+                    _set_open_key(cfg, section, sub, subvalue)
+            elif key in [f.name for f in fields(getattr(cfg, section))]:
+                _set_field(cfg, section, key, value)
+            elif section in ("model", "criterion"):
+                _set_open_key(cfg, section, key, value)
+            else:
+                valid = ", ".join(f.name for f in fields(getattr(cfg, section)))
+                raise ConfigError(f"unknown key {section}.{key}; valid keys: {valid}")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
+    data = None
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"cannot parse {path}: {exc}") from None
+    cfg = from_dict(data)
+    for item in overrides:
+        apply_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need several fields at once, before any expensive work starts."""
+    from influencerformer.losses.registry import CRITERIA
+
+    if cfg.criterion.name not in CRITERIA:
+        names = ", ".join(sorted(CRITERIA))
+        raise ConfigError(f"unknown criterion {cfg.criterion.name!r}; registered criteria: {names}")
+    if cfg.data.name == "coco":
+        if not cfg.data.root:
+            raise ConfigError("data.name=coco needs a data root (--data-root PATH or data.root=PATH)")
+        if not Path(cfg.data.root).is_dir():
+            raise ConfigError(f"data root not found: {cfg.data.root}")
+    positive = {"data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps,
+                "train.grad_accum": cfg.train.grad_accum, "train.log_every": cfg.train.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be ≥ 1, got {value}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+
+
+def copy_config(cfg: Config, **section_updates: dict[str, Any]) -> Config:
+    """A deep copy of ``cfg`` with ``section={key: value}`` replacements (used by ``compare``)."""
+    new = from_dict(cfg.to_dict())
+    for section, updates in section_updates.items():
+        for key, value in updates.items():
+            _set_field(new, section, key, value)
+    return new
+
+
+# ----------------------------------------------------------------------------- objects from a config
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the engine needs to know about a dataset's classes (shared by train and val splits)."""
+
+    num_classes: int
+    class_names: list[str]
+    category_ids: list[int]
+
+
+def build_dataset(data: DataConfig, split: str) -> tuple[Any, DatasetInfo]:
+    """The ``split`` ("train" | "val") dataset of ``data`` and its class info."""
+    from torch.utils.data import Subset
+
+    num = data.num_train if split == "train" else data.num_val
+    if data.name == "shapes2d":
+        from influencerformer.data import Shapes2D
+
+        extra = {} if data.image_size is None else {"image_size": data.image_size}
+        try:
+            ds = Shapes2D(split, preset=data.preset, num_images=num, seed=data.seed, **extra)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        names = list(ds.thing_classes)
+    else:
+        from influencerformer.data import COCOInstanceDataset, find_coco_files
+
+        try:
+            image_dir, ann_file = find_coco_files(data.root, split)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
+        size = data.image_size
+        ds = COCOInstanceDataset(image_dir, ann_file, image_size=size, pad_to=size)
+        names = list(ds.class_names)
+    info = DatasetInfo(len(names), names, list(ds.category_ids))
+    if num is not None and data.name == "coco" and num < len(ds):
+        ds = Subset(ds, range(num))  # the first images: a fixed, reproducible evaluation subset
+    if len(ds) == 0:
+        raise ConfigError(f"the {split} split of {data.name} is empty")
+    return ds, info
+
+
+def build_model(cfg: Config, num_classes: int) -> Any:
+    """MaskFormer from the model preset + overrides, sized for ``num_classes``."""
+    from influencerformer.models import MaskFormer, MaskFormerConfig
+
+    overrides = {**cfg.model.overrides, "num_classes": num_classes}
+    try:
+        model_cfg = MaskFormerConfig.preset(cfg.model.preset, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model: {exc}") from None
+    return MaskFormer(model_cfg)
+
+
+def build_criterion(cfg: Config, num_classes: int) -> Any:
+    """The configured criterion; bad keyword arguments become a ConfigError naming the criterion."""
+    from influencerformer.losses.registry import build_criterion as build
+
+    try:
+        return build(cfg.criterion.name, num_classes, **cfg.criterion.kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"criterion {cfg.criterion.name!r}: {exc}") from None

@@ -1,0 +1,133 @@
+"""The command line: --help documents every option, bad input is one line + exit 2, and the commands
+work end to end on a tiny run (train → evaluate → predict)."""
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from influencerformer import cli
+
+TINY = ["data.num_train=4", "data.num_val=2", "data.batch_size=2", "train.progress=false",
+        "model.num_queries=6", "model.hidden_dim=32", "model.dim_feedforward=64", "model.mask_dim=32",
+        "model.num_decoder_layers=2", "model.backbone_widths=[8,16,32,32]", "model.stem_width=8",
+        "criterion.num_points=64", "optim.warmup_steps=1", "train.probe_images=1"]
+SETS = [arg for item in TINY for arg in ("--set", item)]
+
+
+def _subcommands():
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "compare", "bench"])
+def test_help_mentions_every_option_with_its_default(command, capsys):
+    assert cli.main([command, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    sub = _subcommands()[command]
+    for action in sub._actions:
+        if action.help == argparse.SUPPRESS:
+            continue
+        for option in action.option_strings:
+            assert option in text, option
+        if action.option_strings and action.dest != "help":
+            assert action.help and len(action.help) > 10, action.dest  # explained, not just named
+    assert text.count("(default:") >= len([a for a in sub._actions if a.option_strings]) - 1  # all but -h
+
+
+def test_top_level_help_lists_every_command(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("train", "evaluate", "predict", "compare", "bench"):
+        assert command in out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--criterion", "nope"], ["unknown criterion 'nope'", "hungarian"]),
+    (["train", "--data", "coco"], ["data root"]),
+    (["train", "--data", "coco", "--data-root", "/no/such/dir"], ["data root not found"]),
+    (["train", "--set", "train.stepz=3"], ["train.stepz", "valid keys", "steps"]),
+    (["train", "--set", "model.bogus=1"], ["model.bogus"]),
+    (["train", "--config", "/no/such.yaml"], ["config file not found"]),
+    (["evaluate", "/no/such/checkpoint.pt"], ["checkpoint not found"]),
+    (["compare", "--criteria", "hungarian", "nope"], ["unknown criterion 'nope'"]),
+    (["predict", "/no/such/run"], ["not found"]),
+    (["train", "--device", "tpu9"], ["unknown device 'tpu9'"]),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # compare must not create anything before failing
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and "error" in err
+    for word in words:
+        assert word in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_argparse_usage_errors_exit_2(capsys):
+    assert cli.main(["train", "--data", "imagenet"]) == 2
+    assert cli.main(["frobnicate"]) == 2
+    assert cli.main(["train", "--steps", "many"]) == 2
+
+
+def test_module_entry_point_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "influencerformer", "train", "--criterion", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown criterion" in proc.stderr
+
+
+def test_train_evaluate_predict_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--steps", "2", "--out", str(run), "--device", "cpu", *SETS]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.rindex("\n{\n"):])  # the summary is the last thing printed
+    assert summary["steps"] == 2 and 0 <= summary["AP"] <= 1
+    # --resume with the saved config (no --config) continues to a longer schedule
+    assert cli.main(["train", "--resume", "--out", str(run), "--steps", "3", "--device", "cpu"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    out_json = tmp_path / "eval.json"
+    assert cli.main(["evaluate", str(run), "--output", str(out_json), "--device", "cpu"]) == 0
+    metrics = json.loads(out_json.read_text())
+    assert metrics["step"] == 3 and all(0 <= metrics[k] <= 1 for k in ("AP", "AP50", "AP75", "F1"))
+    assert cli.main(["predict", str(run), "--num-images", "2", "--out", str(tmp_path / "pred"),
+                     "--score-threshold", "0.0", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["val_0.png", "val_1.png"]
+    from matplotlib.image import imsave, imread
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    imsave(folder / "mine.png", imread(tmp_path / "pred" / "val_0.png")[:50, :70, :3])  # odd size
+    assert cli.main(["predict", str(run), "--images", str(folder), "--out", str(tmp_path / "pred2")]) == 0
+    assert (tmp_path / "pred2" / "mine.png").is_file()
+    assert cli.main(["predict", str(run), "--images", str(tmp_path / "empty_missing")]) == 2
+
+
+def test_bench_passes_arguments_to_the_benchmark(tmp_path, monkeypatch):
+    script = tmp_path / "loss_speed.py"
+    script.write_text("import json, sys\n"
+                      "def main(argv):\n"
+                      f"    open({str(tmp_path / 'argv.json')!r}, 'w').write(json.dumps(argv))\n"
+                      "    return 0\n")
+    monkeypatch.setattr(cli, "BENCH_SCRIPT", script)
+    assert cli.main(["bench", "--", "--queries", "100", "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "argv.json").read_text()) == ["--queries", "100", "--device", "cpu"]
+    monkeypatch.setattr(cli, "BENCH_SCRIPT", tmp_path / "missing.py")
+    assert cli.main(["bench"]) == 2
+
+
+def test_train_and_evaluate_on_coco_files(tmp_path, capsys):
+    from influencerformer.data import Shapes2D, export_coco
+
+    root = tmp_path / "coco"
+    for split, n in (("train", 4), ("val", 2)):  # the per-split layout: {split}/annotations.json + images/
+        export_coco(Shapes2D(split, preset="medium", num_images=n), root / split)
+    run = tmp_path / "run"
+    argv = ["train", "--data", "coco", "--data-root", str(root), "--steps", "2", "--out", str(run), *SETS]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.rindex("\n{\n"):])
+    assert summary["steps"] == 2 and 0 <= summary["AP"] <= 1 and "PQ" not in summary  # no sem_seg in COCO
+    assert cli.main(["evaluate", str(run), "--output", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["step"] == 2
