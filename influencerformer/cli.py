@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from influencerformer.data.download import DATA_COMMANDS, add_download_parsers
 from influencerformer.engine.config import ConfigError
 
 BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "loss_speed.py"
@@ -121,9 +122,10 @@ def _bench_parser(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="influencerformer", formatter_class=_Formatter,
                                      description="Query segmentation trained with and without Hungarian matching.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,compare,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,compare,bench,download,prepare}")
     for add in (_train_parser, _evaluate_parser, _predict_parser, _compare_parser, _bench_parser):
         add(sub)
+    add_download_parsers(sub)
     return parser
 
 
@@ -242,6 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
             "bench": cmd_bench}
+COMMANDS.update(DATA_COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

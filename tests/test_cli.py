@@ -131,3 +131,15 @@ def test_train_and_evaluate_on_coco_files(tmp_path, capsys):
     assert summary["steps"] == 2 and 0 <= summary["AP"] <= 1 and "PQ" not in summary  # no sem_seg in COCO
     assert cli.main(["evaluate", str(run), "--output", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["step"] == 2
+
+
+def test_download_and_prepare_are_wired_into_the_cli(tmp_path, capsys):
+    from influencerformer.cli import main
+
+    # Nothing listens on port 9 of loopback: the command must fail cleanly (no traceback), not hang.
+    code = main(["download", "coco", "--root", str(tmp_path), "--annotations-only", "--mirror",
+                 "http://127.0.0.1:9", "--retries", "0", "--timeout", "2"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "Traceback" not in err and err.strip()
+    assert main(["prepare", "scannet", "--root", str(tmp_path / "missing")]) != 0
