@@ -26,7 +26,7 @@ def _influencer(form: str | None) -> Callable[..., nn.Module]:
     return build
 
 
-# "influencer" is MaskInfluencerCriterion with its default form (the one that wins on the crowded preset).
+# "influencer" is MaskInfluencerCriterion with its default form (transport: see docs/results.md for the evidence).
 CRITERIA: dict[str, Callable[..., nn.Module]] = {
     "hungarian": _hungarian,
     "influencer": _influencer(None),
