@@ -139,6 +139,22 @@ def evaluate(model: PixelEmbedNet, dataset, num: int, args: argparse.Namespace) 
     return {**counts, **f1_from_counts(**counts)}
 
 
+def condensation_step(criterion: InfluencerLoss, opt: torch.optim.Optimizer, xs: list[Tensor], bs: list[Tensor],
+                      ids: list[Tensor], batch: list[Tensor]) -> dict[str, Tensor]:
+    """One optimiser step of the condensation loss on per-item point lists (embeddings, beta, instance ids, item)."""
+    terms = criterion(torch.cat(xs), torch.cat(bs), torch.cat(ids), torch.cat(batch))
+    opt.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    opt.step()
+    return terms
+
+
+def log_terms(step: int, terms: dict[str, Tensor], start: float) -> None:
+    print(f"step {step:4d}  loss {terms['loss'].item():.4f}  "
+          + "  ".join(f"{k} {terms[k].item():.3f}" for k in ("attractive", "repulsive", "beta", "background"))
+          + f"  ({time.perf_counter() - start:.0f}s)", flush=True)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="default", help="Shapes2D preset (default, medium, crowded)")
@@ -187,16 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
             bs.append(beta[b].reshape(-1)[idx])
             ids.append(instance_id_map(it["masks"]).reshape(-1)[idx])
             batch.append(torch.full((idx.numel(),), b, dtype=torch.long))
-        terms = criterion(torch.cat(xs), torch.cat(bs), torch.cat(ids), torch.cat(batch))
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        opt.step()
+        terms = condensation_step(criterion, opt, xs, bs, ids, batch)
         step += 1
         if step == 1 or step % args.log_every == 0:
             losses.append((step, terms["loss"].item()))
-            print(f"step {step:4d}  loss {terms['loss'].item():.4f}  "
-                  + "  ".join(f"{k} {terms[k].item():.3f}" for k in ("attractive", "repulsive", "beta", "background"))
-                  + f"  ({time.perf_counter() - start:.0f}s)", flush=True)
+            log_terms(step, terms, start)
     if not losses or losses[-1][0] != step:
         losses.append((step, terms["loss"].item()))
 

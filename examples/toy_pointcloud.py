@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from toy_image import greedy_cluster  # noqa: E402
+from toy_image import condensation_step, greedy_cluster, log_terms  # noqa: E402
 
 from influencerformer.losses import InfluencerLoss  # noqa: E402
 from influencerformer.metrics import f1_at_iou  # noqa: E402
@@ -141,16 +141,11 @@ def main(argv: list[str] | None = None) -> dict:
             bs.append(beta)
             ids.append(inst)
             batch.append(torch.full((inst.numel(),), b, dtype=torch.long))
-        terms = criterion(torch.cat(xs), torch.cat(bs), torch.cat(ids), torch.cat(batch))
-        opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        opt.step()
+        terms = condensation_step(criterion, opt, xs, bs, ids, batch)
         step += 1
         if step == 1 or step % args.log_every == 0:
             losses.append((step, terms["loss"].item()))
-            print(f"step {step:4d}  loss {terms['loss'].item():.4f}  "
-                  + "  ".join(f"{k} {terms[k].item():.3f}" for k in ("attractive", "repulsive", "beta", "background"))
-                  + f"  ({time.perf_counter() - start:.0f}s)", flush=True)
+            log_terms(step, terms, start)
     if not losses or losses[-1][0] != step:
         losses.append((step, terms["loss"].item()))
 
