@@ -61,25 +61,30 @@ def _train_parser(sub: Any) -> None:
                    help="stop after STEP with a checkpoint, as if killed (the schedule still spans --steps)")
 
 
+def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that start from a trained run (evaluate, predict)."""
+    p.add_argument("checkpoint", help="a checkpoint file or a run directory (its latest checkpoint)")
+    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                   help="override a value of the checkpoint's config (e.g. data.num_val=100), repeatable")
+    p.add_argument("--data", choices=("shapes2d", "coco"), default=None, help="dataset; none = the training one")
+    p.add_argument("--data-root", metavar="PATH", default=None, help="COCO root; none = the training one")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
 def _evaluate_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on the val split", formatter_class=_Formatter,
                        description="Evaluate a checkpoint: COCO mask AP/AP50/AP75, F1, duplicate rate, PQ.")
-    p.add_argument("checkpoint", help="a checkpoint file or a run directory (its latest checkpoint)")
+    _add_checkpoint_options(p)
     p.add_argument("--output", metavar="FILE", default=None,
                    help="metrics JSON to write; none = eval_step<N>.json next to the run's checkpoints/")
-    p.add_argument("--data", choices=("shapes2d", "coco"), default=None, help="dataset; none = the training one")
-    p.add_argument("--data-root", metavar="PATH", default=None, help="COCO root; none = the training one")
     p.add_argument("--num-images", type=int, metavar="N", default=None,
                    help="evaluate the first N val images; none = the training config's data.num_val")
-    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                   help="override a value of the checkpoint's config (e.g. data.batch_size=4), repeatable")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def _predict_parser(sub: Any) -> None:
     p = sub.add_parser("predict", help="draw predicted instances as PNG overlays", formatter_class=_Formatter,
                        description="Draw each predicted instance (mask, class name, score) over its image.")
-    p.add_argument("checkpoint", help="a checkpoint file or a run directory (its latest checkpoint)")
+    _add_checkpoint_options(p)
     p.add_argument("--images", metavar="DIR", default=None,
                    help="folder of .png/.jpg images to predict; none = the first --num-images val images")
     p.add_argument("--num-images", type=int, metavar="N", default=8, help="val images to draw (without --images)")
@@ -87,11 +92,6 @@ def _predict_parser(sub: Any) -> None:
                    help="resize folder images so the longer side is PX; none = the training image size")
     p.add_argument("--score-threshold", type=float, default=0.5, help="draw instances scoring above this")
     p.add_argument("--out", metavar="DIR", default=None, help="output folder; none = <run dir>/predictions")
-    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                   help="override a value of the checkpoint's config (e.g. data.num_val=100), repeatable")
-    p.add_argument("--data", choices=("shapes2d", "coco"), default=None, help="dataset; none = the training one")
-    p.add_argument("--data-root", metavar="PATH", default=None, help="COCO root; none = the training one")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def _compare_parser(sub: Any) -> None:
