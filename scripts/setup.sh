@@ -22,11 +22,13 @@ if "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 elif command -v nvidia-smi >/dev/null 2>&1; then
   echo "[setup] GPU found, no torch: installing torch==$TORCH_VERSION (CUDA build from PyPI)"
   "${PIP[@]}" install "torch==$TORCH_VERSION"
-elif "${PIP[@]}" install -q --no-index "torch==$TORCH_VERSION" 2>/dev/null; then
-  echo "[setup] installed torch==$TORCH_VERSION from a local wheel"
+elif "${PIP[@]}" install -q "torch==$TORCH_VERSION+cpu" 2>/dev/null; then
+  # "+cpu" matches only a CPU build: a local wheel (pip's find-links) or one on a configured index;
+  # torch's own dependencies (filelock, sympy, ...) come from PyPI as usual
+  echo "[setup] installed torch==$TORCH_VERSION+cpu (local wheel or configured index)"
 else
-  echo "[setup] CPU machine: installing torch==$TORCH_VERSION from PyTorch's CPU index"
-  "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+  echo "[setup] CPU machine: installing torch==$TORCH_VERSION+cpu from PyTorch's CPU index"
+  "${PIP[@]}" install "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 
 echo "[setup] installing influencerformer[$EXTRAS]"
