@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from influencerformer.data.download import DATA_COMMANDS, add_download_parsers
 from influencerformer.engine.config import ConfigError
 
+DATASETS = ("shapes2d", "coco", "rooms3d", "s3dis", "scannet")
 BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "loss_speed.py"
 
 
@@ -34,10 +35,12 @@ def _add_config_options(p: argparse.ArgumentParser, *, with_criterion: bool = Tr
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override a config value, repeatable: train.steps=200, model.num_queries=50, "
                         "criterion.epsilon=0.05 (values parsed as YAML; applied after every other option)")
-    p.add_argument("--data", choices=("shapes2d", "coco"), default=None,
-                   help="dataset (data.name); none = the config's (shapes2d by default)")
+    p.add_argument("--data", choices=DATASETS, default=None,
+                   help="dataset (data.name): images shapes2d (built in) or coco; point clouds rooms3d (built in), "
+                        "s3dis or scannet; none = the config's (shapes2d by default)")
     p.add_argument("--data-root", metavar="PATH", default=None,
-                   help="COCO root holding annotations/instances_{train,val}*.json and the image folders (data.root)")
+                   help="data root (data.root): COCO's annotations/ + image folders; S3DIS's raw Area_N/ folders or "
+                        "the mmdet3d layout (points/, instance_mask/, semantic_mask/); ScanNet's mmdet3d layout")
     if with_criterion:
         p.add_argument("--criterion", metavar="NAME", default=None,
                        help="loss: hungarian, influencer, transport, ownership or seed (criterion.name); "
@@ -66,14 +69,15 @@ def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint file or a run directory (its latest checkpoint)")
     p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                    help="override a value of the checkpoint's config (e.g. data.num_val=100), repeatable")
-    p.add_argument("--data", choices=("shapes2d", "coco"), default=None, help="dataset; none = the training one")
-    p.add_argument("--data-root", metavar="PATH", default=None, help="COCO root; none = the training one")
+    p.add_argument("--data", choices=DATASETS, default=None, help="dataset; none = the training one")
+    p.add_argument("--data-root", metavar="PATH", default=None, help="data root; none = the training one")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def _evaluate_parser(sub: Any) -> None:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on the val split", formatter_class=_Formatter,
-                       description="Evaluate a checkpoint: COCO mask AP/AP50/AP75, F1, duplicate rate, PQ.")
+                       description="Evaluate a checkpoint: images: COCO mask AP/AP50/AP75, F1, duplicate rate, PQ; "
+                                   "point clouds: ScanNet-protocol AP/AP50/AP25 on whole val scenes, F1, duplicate rate.")
     _add_checkpoint_options(p)
     p.add_argument("--output", metavar="FILE", default=None,
                    help="metrics JSON to write; none = eval_step<N>.json next to the run's checkpoints/")
@@ -183,7 +187,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from matplotlib.figure import Figure
 
     from influencerformer.engine.checkpoint import resolve_checkpoint
-    from influencerformer.engine.config import build_dataset
+    from influencerformer.engine.config import build_dataset, is_point_data
     from influencerformer.engine.evaluate import draw_instances, load_images, load_trained, predict_instances
     from influencerformer.engine.distributed import pick_device
 
@@ -191,6 +195,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.num_images < 1:
         raise ConfigError(f"--num-images must be ≥ 1, got {args.num_images}")
     model, cfg, info, _ = load_trained(ckpt_path, pick_device(args.device), _data_overrides(args))
+    if is_point_data(cfg.data):
+        raise ConfigError(f"predict draws image overlays; {cfg.data.name} is a point-cloud run: use "
+                          f"`influencerformer evaluate {args.checkpoint}` (3D AP) or compare's masks.png")
     if args.images is None:
         val_set, _ = build_dataset(cfg.data, "val")
         items = [val_set[i] for i in range(min(args.num_images, len(val_set)))]

@@ -18,14 +18,15 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import Config, ConfigError, build_dataset, copy_config, criterion_kwargs, validate
+from .config import Config, ConfigError, build_dataset, copy_config, criterion_kwargs, is_point_data, validate
 from .evaluate import draw_instances, load_trained, predict_instances
 from .train import train
 
 TABLE = [  # (results key, column title, format); "±" columns are mean ± sd over seeds
-    ("AP", "AP", "{:.3f}"), ("AP50", "AP50", "{:.3f}"), ("AP75", "AP75", "{:.3f}"), ("F1", "F1", "{:.3f}"),
+    ("AP", "AP", "{:.3f}"), ("AP50", "AP50", "{:.3f}"), ("AP75", "AP75", "{:.3f}"), ("AP25", "AP25", "{:.3f}"),
+    ("F1", "F1", "{:.3f}"),
     ("duplicate_rate", "dup. rate", "{:.3f}"), ("PQ", "PQ", "{:.3f}"), ("final_loss", "final loss", "{:.3f}"),
-    ("loss_ms", "loss ms/step", "{:.1f}"), ("step_ms", "ms/step", "{:.1f}"),
+    ("loss_ms", "loss ms/step", "{:.1f}"), ("step_ms", "ms/step", "{:.1f}"), ("loss_share", "loss share", "{:.2f}"),
     ("steps_to_90", "steps to 90% AP", "{:.0f}"), ("assignment_change", "assign. change", "{:.3f}"),
 ]
 
@@ -69,6 +70,8 @@ def compare(cfg: Config, criteria: Sequence[str], seeds: Sequence[int], out_dir:
     for run_cfg in configs:
         result = train(run_cfg, resume=resume)
         result["steps_to_90"] = steps_to_fraction(result["curve"])
+        if result.get("loss_ms") and result.get("step_ms"):
+            result["loss_share"] = result["loss_ms"] / result["step_ms"]
         result["loss_curve"] = read_loss_curve(Path(run_cfg.train.out_dir) / "metrics.jsonl")
         runs.append(result)
     results = {"runs": runs, "summary": summarize_runs(runs, criteria)}
@@ -110,12 +113,14 @@ def summarize_runs(runs: list[dict[str, Any]], criteria: Sequence[str]) -> dict[
 def report_markdown(results: dict[str, Any], cfg: Config, criteria: Sequence[str], seeds: Sequence[int]) -> str:
     """The table of report.md (mean ± sd over seeds) and how the numbers were made."""
     summary = results["summary"]
-    head = "| criterion | " + " | ".join(title for _, title, _ in TABLE) + " |"
-    rule = "|---" * (len(TABLE) + 1) + "|"
+    # columns the data has (images: AP75 and PQ; point clouds: AP25)
+    table = [col for col in TABLE if any(summary[name][col[0]]["mean"] is not None for name in criteria)]
+    head = "| criterion | " + " | ".join(title for _, title, _ in table) + " |"
+    rule = "|---" * (len(table) + 1) + "|"
     rows = []
     for name in criteria:
         cells = []
-        for key, _, fmt in TABLE:
+        for key, _, fmt in table:
             s = summary[name][key]
             if s["mean"] is None:
                 cells.append("–")
@@ -123,29 +128,39 @@ def report_markdown(results: dict[str, Any], cfg: Config, criteria: Sequence[str
                 cells.append(fmt.format(s["mean"]) + (f" ± {fmt.format(s['sd'])}" if len(seeds) > 1 else ""))
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     d, m, t = cfg.data, cfg.model, cfg.train
+    points = is_point_data(d)
+    data_line = (f"- data: {d.name}, {d.num_train or 'default'} train / {d.num_val or 'default'} val scenes, "
+                 f"{d.num_points or 'all'} points sampled per training scene, batch {d.batch_size} × accumulation "
+                 f"{t.grad_accum}" if points else
+                 f"- data: {d.name} (preset {d.preset}), {d.num_train or 'default'} train / {d.num_val or 'default'} "
+                 f"val images, batch {d.batch_size} × accumulation {t.grad_accum}")
+    ap_line = ("- AP / AP50 / AP25: ScanNet-protocol 3D instance AP on every point of the val scenes (AP over IoU "
+               "0.50:0.05:0.90; regions under 100 points not evaluated), Mask2Former instance inference without "
+               "NMS, top-100 per scene." if points else
+               "- AP / AP50 / AP75: COCO mask AP on the val split, Mask2Former instance inference without NMS, "
+               "top-100 per image.")
     return "\n".join([
         "# Criterion comparison", "",
         f"Same model, data, data order and seed for every criterion; only the loss differs. "
         f"Seeds: {', '.join(map(str, seeds))} (mean ± sd over seeds when more than one).", "",
         head, rule, *rows, "",
         "## Setup",
-        f"- data: {d.name} (preset {d.preset}), {d.num_train or 'default'} train / {d.num_val or 'default'} val "
-        f"images, batch {d.batch_size} × accumulation {t.grad_accum}",
+        data_line,
         f"- model: preset {m.preset}, overrides {m.overrides or 'none'}",
         f"- optimiser: AdamW lr {cfg.optim.lr}, weight decay {cfg.optim.weight_decay}, "
         f"{cfg.optim.warmup_steps} warm-up steps + {cfg.optim.schedule}, clip {cfg.optim.clip}; {t.steps} steps, "
         f"eval every {t.eval_every}, amp {t.amp}, device {t.device}",
         "",
         "## Columns",
-        "- AP / AP50 / AP75: COCO mask AP on the val split, Mask2Former instance inference without NMS, "
-        "top-100 per image.",
+        ap_line,
         "- F1: predictions with score > 0.5 matched one-to-one at IoU ≥ 0.5 (same class); duplicates count as "
         "false positives. dup. rate: ground-truth instances claimed by ≥ 2 such predictions.",
         "- PQ: panoptic quality of Mask2Former's panoptic merge (things only), when the data has sem_seg.",
         "- final loss: mean training loss over the last 50 steps (each criterion's own scale: not comparable "
         "across criteria).",
-        "- loss ms/step: the criterion's forward (matching included); ms/step: the whole training step "
-        "(data, forward, loss, backward, optimiser), mean after the first 5 steps.",
+        "- loss ms/step: the criterion's forward (matching / transport plan included); ms/step: the whole "
+        "training step (data, forward, loss, backward, optimiser), mean after the first 5 steps; loss share: "
+        "loss ms / step ms, the part of the step a faster assignment can save (its backward is not in it).",
         "- steps to 90% AP: first evaluated step reaching 90 % of the run's final AP.",
         "- assign. change: fraction of instances of a fixed training batch whose owning query changed between "
         "consecutive evaluations (mean over evaluations; lower = more stable).",
@@ -208,6 +223,9 @@ def plot_masks(runs: list[dict[str, Any]], path: Path, *, num_images: int = 4) -
     _, cfg, info, _ = models[0]
     val_set, _ = build_dataset(cfg.data, "val")
     items = [val_set[i] for i in range(min(num_images, len(val_set)))]
+    if is_point_data(cfg.data):
+        _plot_point_masks([m for m, _, _, _ in models], [r["criterion"] for r in runs], items, path)
+        return
     preds = [predict_instances(model, [it["image"] for it in items]) for model, _, _, _ in models]
     fig = Figure(figsize=(2.6 * (1 + len(runs)), 2.6 * len(items)), layout="constrained")
     axes = fig.subplots(len(items), 1 + len(runs), squeeze=False)
@@ -217,4 +235,22 @@ def plot_masks(runs: list[dict[str, Any]], path: Path, *, num_images: int = 4) -
         for col, run in enumerate(runs):
             title = run["criterion"] if row == 0 else None
             draw_instances(axes[row][col + 1], item["image"], preds[col][row], info.class_names, title=title)
+    fig.savefig(path, dpi=110)
+
+
+def _plot_point_masks(models: list[Any], names: list[str], items: list[dict], path: Path) -> None:
+    """masks.png for point clouds: top-down views; ground-truth instances, then each run's predictions."""
+    from matplotlib.figure import Figure
+
+    from .points import draw_point_instances, point_owner, predict_scene
+
+    fig = Figure(figsize=(3.2 * (1 + len(models)), 3.2 * len(items)), layout="constrained")
+    axes = fig.subplots(len(items), 1 + len(models), squeeze=False)
+    for row, item in enumerate(items):
+        draw_point_instances(axes[row][0], item["coords"], item["instance_labels"].long().clamp(min=-1),
+                             title="ground truth" if row == 0 else None)
+        for col, (model, name) in enumerate(zip(models, names)):
+            pred = predict_scene(model, item)
+            draw_point_instances(axes[row][col + 1], item["coords"], point_owner(pred["masks"], pred["scores"]),
+                                 title=name if row == 0 else None)
     fig.savefig(path, dpi=110)

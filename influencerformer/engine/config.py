@@ -29,11 +29,14 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    name: str = "shapes2d"  # shapes2d | coco
-    preset: str = "medium"  # Shapes2D preset: default | medium | crowded (ignored for coco)
-    root: str | None = None  # COCO root (holds annotations/ and the image folders); required for coco
-    num_train: int | None = None  # training images (None = the preset's / the dataset's size)
-    num_val: int | None = 100  # validation images used for evaluation (None = all)
+    name: str = "shapes2d"  # images: shapes2d | coco; point clouds: rooms3d | s3dis | scannet
+    preset: str = "medium"  # Shapes2D preset: default | medium | crowded (shapes2d only)
+    root: str | None = None  # data root, required for coco, s3dis (raw Area_N/ or mmdet3d layout), scannet
+    num_train: int | None = None  # training images / scenes (None = the preset's / the dataset's size)
+    num_val: int | None = 100  # validation images / scenes used for evaluation (None = all)
+    num_points: int | None = 8192  # point clouds: points sampled per training scene (None = all; evaluation: all)
+    points_per_room: list[int] = field(default_factory=lambda: [20000, 100000])  # rooms3d: points per room, range
+    strict: bool = True  # raw S3DIS: fail on a malformed row with file:line (False: skip it and warn with counts)
     image_size: int | None = None  # square input size; None = the dataset's native size
     batch_size: int = 8  # images per process per micro-batch (effective = batch × grad_accum × world)
     workers: int = 0  # DataLoader worker processes (0 = load in the training process)
@@ -42,8 +45,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"  # MaskFormerConfig preset: tiny | medium | crowded | base
-    overrides: dict[str, Any] = field(default_factory=dict)  # MaskFormerConfig fields to change
+    preset: str = "tiny"  # MaskFormerConfig preset: tiny | medium | crowded | base; point clouds: tiny | default
+    overrides: dict[str, Any] = field(default_factory=dict)  # MaskFormerConfig / PointModelConfig fields to change
 
 
 @dataclass
@@ -101,7 +104,7 @@ class Config:
 
 
 CHOICES = {
-    ("data", "name"): ("shapes2d", "coco"),
+    ("data", "name"): ("shapes2d", "coco", "rooms3d", "s3dis", "scannet"),
     ("data", "preset"): ("default", "medium", "crowded"),
     ("optim", "schedule"): ("cosine", "poly", "constant"),
     ("train", "amp"): ("none", "bf16", "fp16"),
@@ -144,13 +147,21 @@ def _set_field(cfg: Config, section: str, key: str, value: Any) -> None:
     setattr(sec, key, value)
 
 
-def model_fields() -> list[str] | None:
-    """Field names of MaskFormerConfig, or None while the models package is unavailable."""
+POINT_DATASETS = ("rooms3d", "s3dis", "scannet")
+
+
+def is_point_data(data: DataConfig) -> bool:
+    return data.name in POINT_DATASETS
+
+
+def model_fields(data_name: str = "shapes2d") -> list[str] | None:
+    """Fields of the model config for ``data_name`` (MaskFormerConfig for images, PointModelConfig for
+    point clouds), or None while the models package is unavailable."""
     try:
-        from influencerformer.models import MaskFormerConfig
+        from influencerformer.models import MaskFormerConfig, PointModelConfig
     except ImportError:
         return None
-    return [f.name for f in fields(MaskFormerConfig)]
+    return [f.name for f in fields(PointModelConfig if data_name in POINT_DATASETS else MaskFormerConfig)]
 
 
 def criterion_kwargs(name: str) -> list[str] | None:
@@ -187,7 +198,7 @@ def _criterion_class(name: str) -> type | None:
 def _set_open_key(cfg: Config, section: str, key: str, value: Any) -> None:
     """``model.<field>`` → model.overrides, ``criterion.<kwarg>`` → criterion.kwargs, both checked."""
     if section == "model":
-        valid = model_fields()
+        valid = model_fields(cfg.data.name)
         target = cfg.model.overrides
         own = ["preset", "overrides"]
     else:
@@ -233,7 +244,8 @@ def from_dict(data: dict[str, Any] | None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("a config must be a mapping of sections (data, model, criterion, optim, train)")
     sections = [f.name for f in fields(Config)]
-    for section, values in data.items():
+    # data first (the model keys depend on the dataset), then the rest in file order
+    for section, values in sorted(data.items(), key=lambda kv: kv[0] != "data"):
         if section not in sections:
             raise ConfigError(f"unknown section {section!r}; sections: {', '.join(sections)}")
         if not isinstance(values, dict):
@@ -279,11 +291,16 @@ def validate(cfg: Config) -> None:
     if cfg.criterion.name not in CRITERIA:
         names = ", ".join(sorted(CRITERIA))
         raise ConfigError(f"unknown criterion {cfg.criterion.name!r}; registered criteria: {names}")
-    if cfg.data.name == "coco":
+    if cfg.data.name in ("coco", "s3dis", "scannet"):
         if not cfg.data.root:
-            raise ConfigError("data.name=coco needs a data root (--data-root PATH or data.root=PATH)")
+            raise ConfigError(f"data.name={cfg.data.name} needs a data root (--data-root PATH or data.root=PATH)")
         if not Path(cfg.data.root).is_dir():
             raise ConfigError(f"data root not found: {cfg.data.root}")
+    if cfg.data.num_points is not None and cfg.data.num_points < 1:
+        raise ConfigError(f"data.num_points must be ≥ 1 or null, got {cfg.data.num_points}")
+    low_high = cfg.data.points_per_room
+    if len(low_high) != 2 or not all(isinstance(v, int) for v in low_high) or not 1 <= low_high[0] <= low_high[1]:
+        raise ConfigError(f"data.points_per_room must be [low, high] with 1 ≤ low ≤ high, got {low_high}")
     positive = {"data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps,
                 "train.grad_accum": cfg.train.grad_accum, "train.log_every": cfg.train.log_every}
     for key, value in positive.items():
@@ -319,6 +336,18 @@ def build_dataset(data: DataConfig, split: str) -> tuple[Any, DatasetInfo]:
     from torch.utils.data import Subset
 
     num = data.num_train if split == "train" else data.num_val
+    if data.name in POINT_DATASETS:
+        from .points import build_point_dataset
+
+        try:
+            ds = build_point_dataset(data.name, data.root, split, num_scenes=num, seed=data.seed,
+                                     points_per_room=data.points_per_room, strict=data.strict)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"{data.name} {split} split: {exc}") from None
+        if len(ds) == 0:
+            raise ConfigError(f"the {split} split of {data.name} is empty")
+        names = ds.class_names
+        return ds, DatasetInfo(len(names), names, list(range(len(names))))
     if data.name == "shapes2d":
         from influencerformer.data import Shapes2D
 
@@ -347,15 +376,18 @@ def build_dataset(data: DataConfig, split: str) -> tuple[Any, DatasetInfo]:
 
 
 def build_model(cfg: Config, num_classes: int) -> Any:
-    """MaskFormer from the model preset + overrides, sized for ``num_classes``."""
-    from influencerformer.models import MaskFormer, MaskFormerConfig
+    """MaskFormer (images) or PointQueryModel (point clouds) from the model preset + overrides,
+    sized for ``num_classes``."""
+    from influencerformer.models import MaskFormer, MaskFormerConfig, PointModelConfig, PointQueryModel
 
     overrides = {**cfg.model.overrides, "num_classes": num_classes}
+    config_cls, model_cls = (PointModelConfig, PointQueryModel) if is_point_data(cfg.data) else (MaskFormerConfig,
+                                                                                                  MaskFormer)
     try:
-        model_cfg = MaskFormerConfig.preset(cfg.model.preset, **overrides)
+        model_cfg = config_cls.preset(cfg.model.preset, **overrides)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model: {exc}") from None
-    return MaskFormer(model_cfg)
+    return model_cls(model_cfg)
 
 
 def build_criterion(cfg: Config, num_classes: int) -> Any:

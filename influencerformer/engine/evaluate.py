@@ -29,7 +29,8 @@ from influencerformer.metrics import (
 from influencerformer.models import instance_inference, panoptic_inference
 
 from .checkpoint import load_checkpoint, resolve_checkpoint
-from .config import Config, ConfigError, DatasetInfo, apply_override, build_dataset, build_model, from_dict
+from .config import (Config, ConfigError, DatasetInfo, apply_override, build_dataset, build_model, from_dict,
+                     is_point_data)
 from .distributed import pick_device
 
 SIZE_DIVISIBILITY = 32  # the backbone's coarsest stride: inputs are padded to a multiple of it
@@ -40,12 +41,18 @@ def make_collate() -> Any:
     return functools.partial(collate_batch, size_divisibility=SIZE_DIVISIBILITY)
 
 
+def model_inputs(batch: dict[str, Any], device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
+    """The model's positional inputs of a batch: ``(images,)`` or, for point clouds, ``(coords, colors)``."""
+    inputs = (batch["images"],) if "images" in batch else (batch["coords"], batch["colors"])
+    return inputs if device is None else tuple(x.to(device, non_blocking=True) for x in inputs)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DistributedDataParallel (evaluation runs on rank 0 only, without DDP)."""
     return getattr(model, "module", model)
 
 
-class _Counts:
+class InstanceCounts:
     """Running sums over images: F1 counts, duplicates, query usage and (optionally) PQ."""
 
     def __init__(self, info: DatasetInfo, with_pq: bool) -> None:
@@ -100,7 +107,7 @@ class Evaluator:
         model = unwrap(model)
         was_training = model.training
         model.eval()
-        counts, predictions, gt_items = _Counts(self.info, self.with_pq), [], []
+        counts, predictions, gt_items = InstanceCounts(self.info, self.with_pq), [], []
         for batch in self.loader:
             outputs = model(batch["images"].to(device))
             for i, image_id in enumerate(batch["image_ids"]):
@@ -117,7 +124,7 @@ class Evaluator:
         return {**metrics, **counts.summary()}
 
     def _image(self, outputs: dict[str, torch.Tensor], i: int, size: tuple[int, int], image_id: int,
-               gt_masks: torch.Tensor, gt_labels: torch.Tensor, counts: _Counts) -> list[dict]:
+               gt_masks: torch.Tensor, gt_labels: torch.Tensor, counts: InstanceCounts) -> list[dict]:
         """One image: predictions as COCO results, with its F1/duplicate/PQ counts added to ``counts``."""
         ph, pw = _prediction_extent(outputs["pred_masks"].shape[-2:], size, gt_masks.shape[-2:])
         logits = outputs["pred_logits"][i].float().cpu()
@@ -173,7 +180,7 @@ class AssignmentProbe:
         was_training = model.training
         model.eval()
         targets = [{k: v.to(device) for k, v in t.items()} for t in self.batch["targets"]]
-        outputs = model(self.batch["images"].to(device))
+        outputs = model(*model_inputs(self.batch, device))
         model.train(was_training)
         # fork_rng: the criterion's point sampling must not shift the training run's random stream
         with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
@@ -211,7 +218,12 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), device:
     val_set, val_info = build_dataset(cfg.data, "val")
     if val_info.class_names != info.class_names:
         raise ConfigError(f"the val data's classes {val_info.class_names} differ from the model's {info.class_names}")
-    evaluator = Evaluator(val_set, info, batch_size=cfg.data.batch_size, topk=cfg.train.eval_topk)
+    if is_point_data(cfg.data):
+        from .points import PointEvaluator  # imports this module
+
+        evaluator = PointEvaluator(val_set, info, topk=cfg.train.eval_topk)
+    else:
+        evaluator = Evaluator(val_set, info, batch_size=cfg.data.batch_size, topk=cfg.train.eval_topk)
     return {"checkpoint": str(resolve_checkpoint(path)), "step": step, **evaluator(model, dev)}
 
 

@@ -30,8 +30,10 @@ from influencerformer.losses.criterion import base_name
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import Config, ConfigError, DatasetInfo, build_criterion, build_dataset, build_model, validate
-from .evaluate import AssignmentProbe, Evaluator, make_collate, unwrap
+from .config import (Config, ConfigError, DatasetInfo, build_criterion, build_dataset, build_model, is_point_data,
+                     validate)
+from .evaluate import AssignmentProbe, Evaluator, make_collate, model_inputs, unwrap
+from .points import PointEvaluator, make_point_collate
 
 FINAL_LOSS_WINDOW = 50  # "final loss" = mean over the last steps, less noisy than one batch
 
@@ -91,7 +93,7 @@ class TrainStream:
                                           shuffle=True, seed=cfg.train.seed, drop_last=True)
         self.per_epoch = len(self.sampler) // self.batch_size
         if self.per_epoch == 0:
-            raise ConfigError(f"{len(dataset)} training images cannot fill one batch of {self.batch_size} "
+            raise ConfigError(f"{len(dataset)} training items cannot fill one batch of {self.batch_size} "
                               f"on each of {info.world_size} process(es)")
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.epoch_state = self.generator.get_state()
@@ -114,10 +116,10 @@ class TrainStream:
             epoch, skip = epoch + 1, 0
 
 
-def to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
-    images = batch["images"].to(device, non_blocking=True)
+def to_device(batch: dict[str, Any], device: torch.device) -> tuple[tuple[torch.Tensor, ...], list[dict[str, torch.Tensor]]]:
+    """(model inputs, targets) of a batch on ``device``."""
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
-    return images, targets
+    return model_inputs(batch, device), targets
 
 
 def float32_outputs(outputs: Any) -> Any:
@@ -230,16 +232,22 @@ def _build(cfg: Config, info: distributed.DistInfo) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp == "fp16")
     evaluator = probe = None
+    points = is_point_data(cfg.data)
     if info.is_main:
         val_set, _ = build_dataset(cfg.data, "val")
-        evaluator = Evaluator(val_set, ds_info, batch_size=cfg.data.batch_size, topk=cfg.train.eval_topk)
+        evaluator = (PointEvaluator(val_set, ds_info, topk=cfg.train.eval_topk) if points else
+                     Evaluator(val_set, ds_info, batch_size=cfg.data.batch_size, topk=cfg.train.eval_topk))
     if cfg.train.probe_images > 0:  # every rank: the criterion may all-reduce inside its forward
         n = min(cfg.train.probe_images, len(train_set))
-        probe = AssignmentProbe(make_collate()([train_set[i] for i in range(n)]))
+        # point clouds: one fixed sample of each probe scene (a fresh sample would move the owners by itself)
+        probe_collate = (make_point_collate(train_set, cfg.data.num_points, torch.Generator().manual_seed(0))
+                         if points else make_collate())
+        probe = AssignmentProbe(probe_collate([train_set[i] for i in range(n)]))
     if info.enabled:
         ids = [info.device.index] if info.device.type == "cuda" else None
         model = DDP(model, device_ids=ids)
-    stream = TrainStream(train_set, cfg, info, make_collate())
+    collate = make_point_collate(train_set, cfg.data.num_points) if points else make_collate()
+    stream = TrainStream(train_set, cfg, info, collate)
     return Run(cfg, info, ds_info, model, criterion, optimizer, scheduler, scaler, stream, evaluator, probe)
 
 
@@ -333,14 +341,14 @@ def _accumulate(run: Run, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, 
     loss_s = data_s = 0.0
     for micro in range(accum):
         t = time.perf_counter()
-        images, targets = to_device(next(batches), run.device)
+        inputs, targets = to_device(next(batches), run.device)
         data_s += time.perf_counter() - t
         # DDP all-reduces gradients in backward; only the last micro-batch of a step needs it
         last = micro == accum - 1
         no_sync = run.model.no_sync() if run.dist.enabled and not last else contextlib.nullcontext()
         with no_sync:
             with autocast_context(amp, run.device):
-                outputs = run.model(images)
+                outputs = run.model(*inputs)
             outputs = float32_outputs(outputs)  # criteria (and matching) always run in fp32
             sync(run.device)
             t = time.perf_counter()

@@ -10,10 +10,11 @@ from influencerformer.metrics.diagnostics import (
     mask_iou,
     query_usage,
 )
-from influencerformer.metrics.instance3d import instance_ap_3d, semantic_miou_3d
+from influencerformer.metrics.instance3d import InstanceAP3D, instance_ap_3d, semantic_miou_3d
 from influencerformer.metrics.semantic import MeanIoU, PanopticQuality, mean_iou, panoptic_quality
 
 __all__ = [
+    "InstanceAP3D",
     "instance_ap_3d",
     "semantic_miou_3d",
     "MeanIoU",

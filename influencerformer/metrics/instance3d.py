@@ -263,6 +263,39 @@ def instance_ap_3d(
         if (p[1] < 0).any():
             raise ValueError(f"predictions[{i}]['labels']: expected class indices >= 0, got {p[1].min().item()}")
     scenes = [_scene_overlap(p, g, min_region_size) for p, g in zip(preds, gts)]
+    return _summarise(_ap_table(scenes, c), class_names or [str(k) for k in range(c)])
+
+
+class InstanceAP3D:
+    """`instance_ap_3d` accumulated scene by scene: ``update`` keeps only each scene's overlap counts
+    (not its masks), so whole-room evaluation needs memory for one scene's masks at a time.
+
+    ``InstanceAP3D(class_names).update(pred, gt)`` per scene with `instance_ap_3d`'s per-scene dicts,
+    then ``compute()`` → the same result as `instance_ap_3d` on all scenes at once."""
+
+    def __init__(self, class_names: Sequence[str], *, min_region_size: int = 100,
+                 class_map: Sequence[int] | None = None) -> None:
+        self.class_names, self.min_region_size = list(class_names), min_region_size
+        self.class_map = None if class_map is None else torch.as_tensor(np.asarray(class_map), dtype=torch.long)
+        self.scenes: list[_SceneOverlap] = []
+
+    def update(self, prediction: dict, ground_truth: dict) -> None:
+        name = f"scene {len(self.scenes)}"
+        gt = _gt_instances(ground_truth, f"{name} ground truth", self.class_map)
+        pred = _predictions(prediction, gt[0].shape[1], f"{name} prediction")
+        c = len(self.class_names)
+        _check_labels(pred[1], c, f"{name} prediction['labels']")
+        _check_labels(gt[1], c, f"{name} ground-truth instance classes")
+        if (pred[1] < 0).any():
+            raise ValueError(f"{name} prediction['labels']: expected class indices >= 0, got {pred[1].min().item()}")
+        self.scenes.append(_scene_overlap(pred, gt, self.min_region_size))
+
+    def compute(self) -> dict:
+        return _summarise(_ap_table(self.scenes, len(self.class_names)), self.class_names)
+
+
+def _ap_table(scenes: list[_SceneOverlap], c: int) -> np.ndarray:
+    """(C, T) AP per class and IoU threshold over the scenes (NaN: class without ground truth)."""
     has_gt = np.zeros(c, dtype=bool)
     has_pred = np.zeros(c, dtype=bool)
     for s in scenes:
@@ -279,7 +312,7 @@ def instance_ap_3d(
         for k in np.flatnonzero(has_gt & has_pred):
             sel = cls == k
             ap[k, t] = _average_precision(is_true[sel], score[sel], int(hard_fn[k]))
-    return _summarise(ap, class_names or [str(k) for k in range(c)])
+    return ap
 
 
 def _summarise(ap: np.ndarray, names: Sequence[str]) -> dict:

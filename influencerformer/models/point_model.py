@@ -68,6 +68,27 @@ class PointModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "PointModelConfig":
+        """A named preset (``tiny`` for 2 CPU cores, ``default`` for one GPU) with keyword overrides."""
+        if name not in POINT_PRESETS:
+            raise ValueError(f"unknown PointModelConfig preset {name!r}; valid presets: {sorted(POINT_PRESETS)}")
+        values = {**POINT_PRESETS[name], **overrides}
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown PointModelConfig key(s) {unknown}; valid keys: {valid}")
+        return cls(**values)
+
+
+POINT_PRESETS: dict[str, dict] = {
+    # rooms3d on 2 CPU cores: 10 cm voxels, 3 grids, 32 queries, 3 decoder layers (0.3 M parameters)
+    "tiny": dict(num_queries=32, hidden_dim=64, num_decoder_layers=3, nheads=4, dim_feedforward=256,
+                 voxel_size=0.1, num_levels=3, blocks_per_level=1),
+    # the dataclass defaults: 5 cm voxels, 4 grids, 100 queries, 6 decoder layers (one GPU)
+    "default": {},
+}
+
 
 _FOURIER_DIM = 3 + 6 * 6  # fourier_features with its default 6 bands
 # 3×3×3 neighbourhood offsets, the centre included

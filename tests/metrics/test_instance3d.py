@@ -1,13 +1,14 @@
 """ScanNet-protocol 3D instance AP: known answers, the min-region rules, and a loop-for-loop port of
 ScanNet's evaluate_semantic_instance.py as the reference on random scenes."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from influencerformer.metrics.instance3d import IOU_THRESHOLDS, instance_ap_3d, semantic_miou_3d
+from influencerformer.metrics.instance3d import IOU_THRESHOLDS, InstanceAP3D, instance_ap_3d, semantic_miou_3d
 
 
 def _labels_gt(sizes, classes, void=0):
@@ -236,6 +237,25 @@ def test_matches_loop_reference_on_random_scenes(seed, min_region_size):
         assert (math.isnan(want) and math.isnan(got)) or got == pytest.approx(want)
         assert res["per_class"][name]["AP25"] == pytest.approx(ref[k, -1], nan_ok=True)
     assert res["AP"] == pytest.approx(np.nanmean(ref[:, main]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_accumulator_equals_all_scenes_at_once(seed):
+    preds, gts = _random_case(torch.Generator().manual_seed(seed))
+    acc = InstanceAP3D(["a", "b", "c"], min_region_size=15)
+    for p, g in zip(preds, gts):
+        acc.update(p, g)
+    want = instance_ap_3d(preds, gts, min_region_size=15, class_names=["a", "b", "c"])
+    assert json.dumps(acc.compute(), sort_keys=True) == json.dumps(want, sort_keys=True)  # NaN-equal, exact
+
+
+def test_accumulator_names_the_scene_of_a_bad_label():
+    acc = InstanceAP3D(["a"])
+    acc.update({"masks": torch.ones(1, 4, dtype=torch.bool), "labels": torch.tensor([0]), "scores": torch.ones(1)},
+               {"masks": torch.ones(1, 4, dtype=torch.bool), "labels": torch.tensor([0])})
+    with pytest.raises(ValueError, match=r"scene 1 prediction\['labels'\]: expected class indices in \[0, 1\)"):
+        acc.update({"masks": torch.ones(1, 4, dtype=torch.bool), "labels": torch.tensor([3]), "scores": torch.ones(1)},
+                   {"masks": torch.ones(1, 4, dtype=torch.bool), "labels": torch.tensor([0])})
 
 
 def test_semantic_miou_3d_sums_counts_over_scenes():

@@ -1,0 +1,189 @@
+"""Point clouds in the engine: rooms3d / S3DIS / ScanNet scenes as training batches, and 3D evaluation.
+
+Training batches hold ``data.num_points`` points per scene, drawn uniformly at random at every
+step (scenes are far larger than a batch can hold, and scenes in a batch must have one size for
+:class:`~influencerformer.models.PointQueryModel`). Evaluation runs on **every point** of each val
+scene, one scene at a time, with the ScanNet protocol (:class:`~influencerformer.metrics.InstanceAP3D`:
+AP over IoU 0.50:0.05:0.90, AP50, AP25, minimum region 100 points) — the numbers papers report.
+
+Instance classes: rooms3d and S3DIS use S3DIS's 13 classes (rooms3d's ceiling, floor and wall
+carry no instances); ScanNet uses its 18 instance classes (the 20 benchmark classes without wall
+and floor), mapped from the semantic labels by the dataset's ``instance_class_map``.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from influencerformer.data.pointcloud import instance_targets
+from influencerformer.metrics import InstanceAP3D, query_usage
+from influencerformer.models import instance_inference
+
+from .evaluate import InstanceCounts, unwrap
+
+MIN_REGION_SIZE = 100  # ScanNet protocol: instances and predictions under 100 points are not evaluated
+
+
+class PointScenes(Dataset):
+    """Scenes of a point dataset with the instance-class map its targets need.
+
+    Items are the reader's ``{coords, colors, sem_labels, instance_labels, scene_id}``; ``cache``
+    keeps every item in memory after its first read (rooms3d generates scenes on the fly, which
+    costs more than a training step on a CPU)."""
+
+    def __init__(self, scenes: Dataset, class_names: Sequence[str], class_map: Sequence[int], *,
+                 cache: bool = False) -> None:
+        self.scenes, self.class_names, self.class_map = scenes, list(class_names), list(class_map)
+        self._cache: dict[int, dict] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, index: int) -> dict:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        item = self.scenes[index]
+        if len(item["coords"]) == 0:
+            raise ValueError(f"scene {item.get('scene_id', index)!r} has no points")
+        if self._cache is not None:
+            self._cache[index] = item
+        return item
+
+
+def build_point_dataset(name: str, root: str | None, split: str, *, num_scenes: int | None, seed: int,
+                        points_per_room: Sequence[int], strict: bool) -> PointScenes:
+    """The ``split`` ("train" | "val") scenes of rooms3d, S3DIS (raw release or mmdet3d layout) or
+    ScanNet (mmdet3d layout). Raises ValueError / FileNotFoundError naming what is missing."""
+    from torch.utils.data import Subset
+
+    from influencerformer.data.pointcloud import PreprocessedPointDataset
+    from influencerformer.data.rooms3d import Rooms3D
+    from influencerformer.data.s3dis import S3DISRawDataset
+
+    if name == "rooms3d":
+        scenes = Rooms3D(split, num_scenes=num_scenes, seed=seed, points_per_room=tuple(points_per_room))
+        return PointScenes(scenes, Rooms3D.class_names, range(Rooms3D.num_classes), cache=True)
+    path = Path(root or "")
+    if name == "s3dis" and not (path / "points").is_dir():
+        # the raw release: Area_N/<room>/Annotations/*.txt (train = Areas 1-4, 6; val = Area 5)
+        scenes = S3DISRawDataset(path, "train" if split == "train" else "test", strict=strict,
+                                 cache_dir=path / ".influencerformer_cache")
+        class_names, class_map = scenes.class_names, range(scenes.num_classes)
+    else:
+        scenes = PreprocessedPointDataset(path, name, split=split)
+        class_names, class_map = scenes.instance_class_names, scenes.instance_class_map
+    if num_scenes is not None and num_scenes < len(scenes):
+        scenes = Subset(scenes, range(num_scenes))  # the first scenes: a fixed evaluation subset
+    return PointScenes(scenes, class_names, class_map)
+
+
+def sample_indices(n: int, num_points: int | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """``num_points`` distinct point indices of a scene of ``n`` points, uniform (None = all points).
+    A scene with fewer points repeats random ones to fill the count."""
+    if num_points is None:
+        return None
+    order = torch.randperm(n, generator=generator)[:num_points]
+    if n < num_points:
+        order = torch.cat([order, torch.randint(n, (num_points - n,), generator=generator)])
+    return order
+
+
+def collate_points(items: list[dict], *, num_points: int | None, class_map: Sequence[int],
+                   generator: torch.Generator | None = None) -> dict[str, Any]:
+    """Scenes → ``{"coords" (B, N, 3), "colors" (B, N, 3), "targets": [{"labels" (K,), "masks" bool (K, N)}],
+    "scene_ids"}`` with N = ``num_points`` sampled per scene (None: every point; scenes must then agree)."""
+    if num_points is None and len({len(item["coords"]) for item in items}) > 1:
+        sizes = [len(item["coords"]) for item in items]
+        raise ValueError(f"scenes of a batch have different point counts {sizes}: set data.num_points "
+                         f"(points sampled per scene) or data.batch_size=1")
+    coords, colors, targets = [], [], []
+    for item in items:
+        index = sample_indices(len(item["coords"]), num_points, generator)
+        pick = (lambda x: x) if index is None else (lambda x: x[index])  # noqa: E731
+        xyz = pick(item["coords"]).float()
+        coords.append(xyz - xyz.amin(0))  # one origin per scene: coordinates stay small and positive
+        colors.append(pick(item["colors"]).float())
+        targets.append(instance_targets(pick(item["instance_labels"]), pick(item["sem_labels"]), class_map))
+    return {"coords": torch.stack(coords), "colors": torch.stack(colors), "targets": targets,
+            "scene_ids": [item.get("scene_id", "") for item in items]}
+
+
+def make_point_collate(dataset: PointScenes, num_points: int | None,
+                       generator: torch.Generator | None = None) -> Any:
+    return functools.partial(collate_points, num_points=num_points, class_map=dataset.class_map, generator=generator)
+
+
+class PointEvaluator:
+    """3D instance AP (ScanNet protocol) on whole val scenes, plus F1 / duplicates / query usage.
+
+    Each scene runs alone (batch 1) on every one of its points; masks are Mask2Former's instance
+    inference (top-k (query, class) pairs, no NMS), binarised at logit 0."""
+
+    def __init__(self, dataset: PointScenes, info: Any, *, topk: int = 100) -> None:
+        self.dataset, self.info, self.topk = dataset, info, topk
+        self.collate = make_point_collate(dataset, None)
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, float]:
+        model = unwrap(model)
+        was_training = model.training
+        model.eval()
+        ap = InstanceAP3D(self.info.class_names, min_region_size=MIN_REGION_SIZE)
+        counts = InstanceCounts(self.info, with_pq=False)
+        for index in range(len(self.dataset)):
+            batch = self.collate([self.dataset[index]])
+            outputs = model(batch["coords"].to(device), batch["colors"].to(device))
+            logits = outputs["pred_logits"][0].float().cpu()
+            res = instance_inference(logits, outputs["pred_masks"][0, :, None, :].float().cpu(), None, topk=self.topk)
+            res["masks"] = res["masks"][:, 0]
+            gt = batch["targets"][0]
+            ap.update({"masks": res["masks"], "labels": res["labels"], "scores": res["scores"]}, gt)
+            counts.add(res, gt["masks"], gt["labels"])
+            counts.no_object.append(query_usage(logits))
+        model.train(was_training)
+        result = ap.compute()
+        return {"AP": result["AP"], "AP50": result["AP50"], "AP25": result["AP25"], **counts.summary()}
+
+
+# ----------------------------------------------------------------------------------------- pictures
+
+
+@torch.no_grad()
+def predict_scene(model: torch.nn.Module, item: dict, *, topk: int = 100, score_threshold: float = 0.5) -> dict:
+    """Instances of one whole scene with score > ``score_threshold``: masks bool (N, P), labels, scores."""
+    device = next(model.parameters()).device
+    xyz = item["coords"].float()
+    outputs = model((xyz - xyz.amin(0))[None].to(device), item["colors"].float()[None].to(device))
+    res = instance_inference(outputs["pred_logits"][0].float().cpu(), outputs["pred_masks"][0, :, None].float().cpu(),
+                             None, topk=topk)
+    keep = res["scores"] > score_threshold
+    return {"masks": res["masks"][keep, 0], "labels": res["labels"][keep], "scores": res["scores"][keep]}
+
+
+def point_owner(masks: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+    """(P,) index of the instance drawn at each point: the best-scoring mask covering it (-1: none)."""
+    if len(masks) == 0:
+        return torch.full((masks.shape[-1],), -1, dtype=torch.long)
+    rank = torch.arange(len(masks), 0, -1, dtype=torch.float) if scores is None else scores.float()
+    value = torch.where(masks, rank[:, None], float("-inf"))
+    best, owner = value.max(0)
+    return torch.where(torch.isfinite(best), owner, -1)
+
+
+def draw_point_instances(ax: Any, coords: torch.Tensor, owner: torch.Tensor, title: str | None = None) -> None:
+    """Top-down view of a scene: points of no instance in light grey, each instance in its own colour."""
+    from matplotlib import colormaps
+
+    xy, owner = coords[:, :2].numpy(), owner.numpy()
+    none = owner < 0
+    ax.scatter(xy[none, 0], xy[none, 1], s=0.3, c="0.85", linewidths=0)
+    colours = colormaps["tab20"]((owner[~none] % 20) / 19.999)
+    ax.scatter(xy[~none, 0], xy[~none, 1], s=0.6, c=colours, linewidths=0)
+    ax.set_aspect("equal")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)

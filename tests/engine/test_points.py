@@ -1,0 +1,156 @@
+"""Point clouds in the engine: sampling collate, every dataset layout, 3D evaluation (oracle = 1),
+train → evaluate agreement, kill-and-resume, compare's 3D report and CLI errors."""
+import json
+
+import pytest
+import torch
+
+from influencerformer.cli import main
+from influencerformer.data.rooms3d import Rooms3D
+from influencerformer.engine.checkpoint import load_checkpoint
+from influencerformer.engine.compare import compare
+from influencerformer.engine.config import ConfigError, DataConfig, build_dataset, load_config
+from influencerformer.engine.evaluate import evaluate_checkpoint
+from influencerformer.engine.points import PointEvaluator, PointScenes, collate_points, point_owner
+from influencerformer.engine.train import train
+
+TINY_3D = ["data.name=rooms3d", "data.points_per_room=[1500,2500]", "data.num_points=512", "data.num_train=4",
+           "data.num_val=2", "data.batch_size=2", "model.num_queries=8", "model.hidden_dim=16", "model.nheads=2",
+           "model.dim_feedforward=32", "model.num_decoder_layers=1", "model.num_levels=2",
+           "criterion.num_points=null", "optim.warmup_steps=2", "train.log_every=1", "train.device=cpu",
+           "train.progress=false", "train.probe_images=2"]
+
+
+def tiny_3d(tmp_path, *extra):
+    return load_config(None, TINY_3D + [f"train.out_dir={tmp_path}", *extra])
+
+
+def _scene(instance_labels, sem_labels):
+    n = len(instance_labels)
+    index = torch.arange(n, dtype=torch.float32)
+    return {"coords": torch.stack([index, -index, torch.zeros(n)], 1) + 5.0,
+            "colors": torch.stack([index / 100, torch.zeros(n), torch.zeros(n)], 1),  # colour red = point index
+            "instance_labels": torch.tensor(instance_labels), "sem_labels": torch.tensor(sem_labels),
+            "scene_id": f"s{n}"}
+
+
+def test_collate_samples_distinct_points_and_their_targets():
+    inst = [0, 0, 0, 1, 1, -1, 2, 2, 2, 2]
+    sem = [3, 3, 3, 5, 5, 0, 7, 7, 7, 7]
+    items = [_scene(inst, sem), _scene(inst[::-1], sem[::-1])]
+    batch = collate_points(items, num_points=6, class_map=list(range(8)), generator=torch.Generator().manual_seed(1))
+    assert batch["coords"].shape == batch["colors"].shape == (2, 6, 3)
+    assert batch["scene_ids"] == ["s10", "s10"]
+    for b, item in enumerate(items):
+        index = (batch["colors"][b, :, 0] * 100).round().long()
+        assert len(set(index.tolist())) == 6  # without replacement
+        assert torch.equal(batch["coords"][b], item["coords"][index] - item["coords"][index].amin(0))
+        target = batch["targets"][b]
+        picked = item["instance_labels"][index]
+        ids = sorted(set(picked.tolist()) - {-1})
+        assert torch.equal(target["masks"], torch.stack([picked == i for i in ids]))
+        assert target["labels"].tolist() == [int(item["sem_labels"][index][picked == i][0]) for i in ids]
+
+
+def test_collate_fills_small_scenes_and_requires_equal_sizes_without_sampling():
+    small, large = _scene([0, 0, 1], [1, 1, 2]), _scene([0] * 5, [1] * 5)
+    batch = collate_points([small], num_points=8, class_map=[0, 1, 2])
+    index = (batch["colors"][0, :, 0] * 100).round().long()
+    assert sorted(set(index.tolist())) == [0, 1, 2] and len(index) == 8  # every point, then repeats
+    assert collate_points([small], num_points=None, class_map=[0, 1, 2])["coords"].shape == (1, 3, 3)
+    with pytest.raises(ValueError, match=r"different point counts \[3, 5\]: set data.num_points"):
+        collate_points([small, large], num_points=None, class_map=[0, 1, 2])
+
+
+def test_point_owner_prefers_the_best_score():
+    masks = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0]], dtype=torch.bool)
+    assert point_owner(masks, torch.tensor([0.2, 0.9])).tolist() == [0, 1, 1, -1]
+    assert point_owner(masks[:0]).tolist() == [-1, -1, -1, -1]
+
+
+class _Oracle(torch.nn.Module):
+    """Returns each scene's ground truth as confident queries (scenes told apart by their point count)."""
+
+    def __init__(self, scenes, num_classes, num_queries=40):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.answers = {}
+        for item in scenes:
+            inst, sem = item["instance_labels"], item["sem_labels"]
+            ids = sorted(set(inst.tolist()) - {-1})
+            logits = torch.full((num_queries, num_classes + 1), -10.0)
+            logits[:, -1] = 10.0  # "no object" by default
+            masks = torch.full((num_queries, len(inst)), -10.0)
+            for q, i in enumerate(ids):
+                logits[q, -1], logits[q, int(sem[inst == i][0])] = -10.0, 10.0
+                masks[q, inst == i] = 10.0
+            self.answers[len(inst)] = (logits, masks)
+
+    def forward(self, coords, colors):
+        logits, masks = self.answers[coords.shape[1]]
+        return {"pred_logits": logits[None], "pred_masks": masks[None]}
+
+
+def test_evaluator_gives_one_to_a_perfect_model():
+    rooms = Rooms3D("val", num_scenes=2, points_per_room=(3000, 4000), seed=3)
+    dataset = PointScenes(rooms, Rooms3D.class_names, range(13), cache=True)
+    info = build_dataset(DataConfig(name="rooms3d", num_val=2, points_per_room=[3000, 4000], seed=3), "val")[1]
+    metrics = PointEvaluator(dataset, info)(_Oracle([dataset[0], dataset[1]], 13))
+    assert metrics["AP"] == metrics["AP50"] == metrics["AP25"] == 1.0
+    assert metrics["F1"] == 1.0 and metrics["duplicate_rate"] == 0.0
+    assert 0.0 < metrics["no_object_queries"] < 1.0
+
+
+def test_every_point_layout_builds_with_its_classes(tmp_path):
+    rooms = Rooms3D("train", num_scenes=2, points_per_room=(800, 900))
+    for area in (1, 2, 3, 4, 5, 6):  # the raw split needs every one of its areas (train 1-4, 6; val 5)
+        rooms.write_s3dis_raw(str(tmp_path / "raw"), area=area)
+    rooms.write_preprocessed(str(tmp_path / "pre"), "s3dis", area=2)
+    rooms.write_preprocessed(str(tmp_path / "pre"), "s3dis", area=5)
+    rooms.write_preprocessed(str(tmp_path / "scannet"), "scannet")
+    cases = [("s3dis", tmp_path / "raw", 13, 10), ("s3dis", tmp_path / "pre", 13, 2),
+             ("scannet", tmp_path / "scannet", 18, 2)]
+    for name, root, num_classes, num_train in cases:
+        for split, size in (("train", num_train), ("val", 2)):
+            ds, info = build_dataset(DataConfig(name=name, root=str(root)), split)
+            assert len(ds) == size and info.num_classes == num_classes == len(ds.class_names), (name, root, split)
+    raw = build_dataset(DataConfig(name="s3dis", root=str(tmp_path / "raw")), "val")[0]
+    assert len(raw[1]["coords"]) == len(rooms[1]["coords"])  # rooms in order, every point read back
+    with pytest.raises(ConfigError, match="s3dis train split: .*Area_1: no such directory"):
+        build_dataset(DataConfig(name="s3dis", root=str(tmp_path / "scannet" / "points")), "train")
+
+
+@pytest.mark.parametrize("criterion", ["hungarian", "influencer"])
+def test_train_then_evaluate_agree_and_resume_is_exact(tmp_path, criterion):
+    extra = ["train.steps=4", "train.eval_every=4", "train.checkpoint_every=2", f"criterion.name={criterion}"]
+    result = train(tiny_3d(tmp_path / "full", *extra))
+    assert {"AP", "AP50", "AP25", "F1", "duplicate_rate"} <= set(result) and "AP75" not in result
+    again = evaluate_checkpoint(tmp_path / "full", device="cpu")
+    assert {k: again[k] for k in ("AP", "AP25", "F1")} == {k: result[k] for k in ("AP", "AP25", "F1")}
+    train(tiny_3d(tmp_path / "killed", *extra), stop_at=2)
+    train(tiny_3d(tmp_path / "killed", *extra), resume=True)  # the sampled points continue exactly
+    a, b = load_checkpoint(tmp_path / "full"), load_checkpoint(tmp_path / "killed")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_compare_writes_a_3d_report(tmp_path):
+    cfg = tiny_3d(tmp_path, "train.steps=2", "train.eval_every=2")
+    results = compare(cfg, ["hungarian", "influencer"], [0], tmp_path / "cmp", num_images=1)
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| AP25 |" in report and "AP75" not in report and "PQ |" not in report and "loss share" in report
+    assert (tmp_path / "cmp" / "masks.png").stat().st_size > 0
+    runs = json.loads((tmp_path / "cmp" / "results.json").read_text())["runs"]
+    assert [r["criterion"] for r in runs] == ["hungarian", "influencer"] == [r["criterion"] for r in results["runs"]]
+    assert all(0 < r["loss_share"] < 1 for r in runs)
+
+
+def test_point_config_and_cli_errors(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown key model.backbone_widths; valid keys: .*voxel_size"):
+        load_config(None, ["data.name=rooms3d", "model.backbone_widths=[8,16]"])
+    with pytest.raises(ConfigError, match="data.name=scannet needs a data root"):
+        load_config(None, ["data.name=scannet"])
+    with pytest.raises(ConfigError, match=r"data.points_per_room must be \[low, high\]"):
+        load_config(None, ["data.name=rooms3d", "data.points_per_room=[5,2]"])
+    train(tiny_3d(tmp_path, "train.steps=1", "train.eval_every=0", "train.probe_images=0"))
+    assert main(["predict", str(tmp_path), "--device", "cpu"]) == 2
+    assert "point-cloud run: use `influencerformer evaluate" in capsys.readouterr().err
