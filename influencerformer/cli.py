@@ -229,7 +229,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise ConfigError(f"--num-images must be ≥ 1, got {args.num_images}")
-    cfg = load_config(args.config, _overrides(args, out=None))
+    cfg = load_config(args.config, _overrides(args, out=None), criteria=args.criteria)
     results = compare(cfg, args.criteria, args.seeds, args.out, num_images=args.num_images, resume=args.resume)
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote {args.out}/report.md, results.json, curves.png, masks.png ({len(results['runs'])} runs)")

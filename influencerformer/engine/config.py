@@ -14,7 +14,7 @@ import inspect
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -195,14 +195,16 @@ def _criterion_class(name: str) -> type | None:
     return None  # registered by someone else: its constructor decides
 
 
-def _set_open_key(cfg: Config, section: str, key: str, value: Any) -> None:
-    """``model.<field>`` → model.overrides, ``criterion.<kwarg>`` → criterion.kwargs, both checked."""
+def _set_open_key(cfg: Config, section: str, key: str, value: Any, criteria: Sequence[str] | None = None) -> None:
+    """``model.<field>`` → model.overrides, ``criterion.<kwarg>`` → criterion.kwargs, both checked
+    (criterion keys against ``criteria`` when given — any of them may accept it — else the config's criterion)."""
     if section == "model":
         valid = model_fields(cfg.data.name)
         target = cfg.model.overrides
         own = ["preset", "overrides"]
     else:
-        valid = criterion_kwargs(cfg.criterion.name)
+        accepted = [criterion_kwargs(name) for name in (criteria or [cfg.criterion.name])]
+        valid = None if any(a is None for a in accepted) else sorted({k for a in accepted for k in a})
         target = cfg.criterion.kwargs
         own = ["name", "kwargs"]
     if valid is not None and key not in valid:
@@ -210,8 +212,9 @@ def _set_open_key(cfg: Config, section: str, key: str, value: Any) -> None:
     target[key] = value
 
 
-def apply_override(cfg: Config, item: str) -> None:
-    """Apply one ``section.key=value`` override in place (value parsed as a YAML scalar)."""
+def apply_override(cfg: Config, item: str, criteria: Sequence[str] | None = None) -> None:
+    """Apply one ``section.key=value`` override in place (value parsed as a YAML scalar); ``criteria``: see
+    :func:`load_config`."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     path, raw = item.split("=", 1)
@@ -232,12 +235,12 @@ def apply_override(cfg: Config, item: str) -> None:
         _set_field(cfg, section, rest[0], value)
         return
     if section in ("model", "criterion") and len(rest) == 1:
-        _set_open_key(cfg, section, rest[0], value)
+        _set_open_key(cfg, section, rest[0], value, criteria)
         return
     raise ConfigError(f"unknown key {path!r}; valid keys of {section}: {', '.join(own)}")
 
 
-def from_dict(data: dict[str, Any] | None) -> Config:
+def from_dict(data: dict[str, Any] | None, criteria: Sequence[str] | None = None) -> Config:
     """Build a Config from a nested dict (as in YAML); every key is checked like an override."""
     cfg = Config()
     data = data or {}
@@ -255,19 +258,23 @@ def from_dict(data: dict[str, Any] | None) -> Config:
         for key, value in ordered:
             if key in ("overrides", "kwargs") and isinstance(value, dict):
                 for sub, subvalue in value.items():
-                    _set_open_key(cfg, section, sub, subvalue)
+                    _set_open_key(cfg, section, sub, subvalue, criteria)
             elif key in [f.name for f in fields(getattr(cfg, section))]:
                 _set_field(cfg, section, key, value)
             elif section in ("model", "criterion"):
-                _set_open_key(cfg, section, key, value)
+                _set_open_key(cfg, section, key, value, criteria)
             else:
                 valid = ", ".join(f.name for f in fields(getattr(cfg, section)))
                 raise ConfigError(f"unknown key {section}.{key}; valid keys: {valid}")
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                criteria: Sequence[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides.
+
+    criteria: the criteria a comparison will train; a ``criterion.<kwarg>`` is valid when any of them
+    accepts it (each run keeps the kwargs its criterion accepts). None: the config's criterion decides."""
     data = None
     if path is not None:
         path = Path(path)
@@ -277,9 +284,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"cannot parse {path}: {exc}") from None
-    cfg = from_dict(data)
+    cfg = from_dict(data, criteria)
     for item in overrides:
-        apply_override(cfg, item)
+        apply_override(cfg, item, criteria)
     validate(cfg)
     return cfg
 

@@ -110,3 +110,12 @@ def test_builtin_defaults_are_the_medium_cpu_budget():
     assert (medium.data.preset, medium.model, medium.criterion, medium.optim) == \
         (defaults.data.preset, defaults.model, defaults.criterion, defaults.optim)
     assert (medium.train.steps, medium.data.batch_size) == (defaults.train.steps, defaults.data.batch_size)
+
+
+def test_compare_accepts_a_kwarg_of_any_compared_criterion():
+    cfg = load_config(None, ["criterion.epsilon=0.05"], criteria=["hungarian", "influencer"])
+    assert cfg.criterion.name == "hungarian" and cfg.criterion.kwargs["epsilon"] == 0.05
+    with pytest.raises(ConfigError, match="unknown key criterion.epsilon"):
+        load_config(None, ["criterion.epsilon=0.05"])  # a hungarian run alone has no epsilon
+    with pytest.raises(ConfigError, match="unknown key criterion.bogus; valid keys: .*epsilon"):
+        load_config(None, ["criterion.bogus=1"], criteria=["hungarian", "influencer"])
