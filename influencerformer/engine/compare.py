@@ -25,7 +25,8 @@ from .train import train
 TABLE = [  # (results key, column title, format); "±" columns are mean ± sd over seeds
     ("AP", "AP", "{:.3f}"), ("AP50", "AP50", "{:.3f}"), ("AP75", "AP75", "{:.3f}"), ("AP25", "AP25", "{:.3f}"),
     ("F1", "F1", "{:.3f}"),
-    ("duplicate_rate", "dup. rate", "{:.3f}"), ("PQ", "PQ", "{:.3f}"), ("final_loss", "final loss", "{:.3f}"),
+    ("duplicate_rate", "dup. rate", "{:.3f}"), ("no_object_queries", "no-object queries", "{:.2f}"),
+    ("PQ", "PQ", "{:.3f}"), ("final_loss", "final loss", "{:.3f}"),
     ("loss_ms", "loss ms/step", "{:.1f}"), ("step_ms", "ms/step", "{:.1f}"), ("loss_share", "loss share", "{:.2f}"),
     ("steps_to_90", "steps to 90% AP", "{:.0f}"), ("assignment_change", "assign. change", "{:.3f}"),
 ]
@@ -155,6 +156,7 @@ def report_markdown(results: dict[str, Any], cfg: Config, criteria: Sequence[str
         ap_line,
         "- F1: predictions with score > 0.5 matched one-to-one at IoU ≥ 0.5 (same class); duplicates count as "
         "false positives. dup. rate: ground-truth instances claimed by ≥ 2 such predictions.",
+        "- no-object queries: fraction of queries whose most likely class is \"no object\" (val mean).",
         "- PQ: panoptic quality of Mask2Former's panoptic merge (things only), when the data has sem_seg.",
         "- final loss: mean training loss over the last 50 steps (each criterion's own scale: not comparable "
         "across criteria).",
