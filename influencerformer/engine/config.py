@@ -10,6 +10,7 @@ a keyword argument of the criterion's constructor; both are checked against what
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -319,7 +320,10 @@ def validate(cfg: Config) -> None:
 
 def copy_config(cfg: Config, **section_updates: dict[str, Any]) -> Config:
     """A deep copy of ``cfg`` with ``section={key: value}`` replacements (used by ``compare``)."""
-    new = from_dict(cfg.to_dict())
+    data = cfg.to_dict()
+    kwargs = data["criterion"].pop("kwargs")  # checked when cfg was built (maybe against several criteria)
+    new = from_dict(data)
+    new.criterion.kwargs = copy.deepcopy(kwargs)
     for section, updates in section_updates.items():
         for key, value in updates.items():
             _set_field(new, section, key, value)

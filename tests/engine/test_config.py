@@ -119,3 +119,12 @@ def test_compare_accepts_a_kwarg_of_any_compared_criterion():
         load_config(None, ["criterion.epsilon=0.05"])  # a hungarian run alone has no epsilon
     with pytest.raises(ConfigError, match="unknown key criterion.bogus; valid keys: .*epsilon"):
         load_config(None, ["criterion.bogus=1"], criteria=["hungarian", "influencer"])
+
+
+def test_compare_runs_keep_the_kwargs_their_criterion_accepts(tmp_path):
+    from influencerformer.engine.compare import run_config
+
+    cfg = load_config(None, ["criterion.epsilon=0.05", "criterion.num_points=64"], criteria=["hungarian", "influencer"])
+    hungarian, influencer = (run_config(cfg, name, 0, tmp_path) for name in ("hungarian", "influencer"))
+    assert hungarian.criterion.kwargs == {"num_points": 64}
+    assert influencer.criterion.kwargs == {"num_points": 64, "epsilon": 0.05}
