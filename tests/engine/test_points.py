@@ -154,3 +154,11 @@ def test_point_config_and_cli_errors(tmp_path, capsys):
     train(tiny_3d(tmp_path, "train.steps=1", "train.eval_every=0", "train.probe_images=0"))
     assert main(["predict", str(tmp_path), "--device", "cpu"]) == 2
     assert "point-cloud run: use `influencerformer evaluate" in capsys.readouterr().err
+
+
+def test_point_data_without_a_config_file_gets_the_cpu_3d_budget():
+    from pathlib import Path
+
+    shipped = load_config(Path(__file__).parents[2] / "configs" / "rooms3d_cpu.yaml")
+    assert load_config(None, ["data.name=rooms3d"]).to_dict() == shipped.to_dict()
+    assert load_config(None, ["data.name=shapes2d"]).train.steps == 3000  # images keep their own defaults
