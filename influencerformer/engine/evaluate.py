@@ -42,8 +42,12 @@ def make_collate() -> Any:
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
-    """The model's positional inputs of a batch: ``(images,)`` or, for point clouds, ``(coords, colors)``."""
-    inputs = (batch["images"],) if "images" in batch else (batch["coords"], batch["colors"])
+    """The model's positional inputs of a batch: ``(images,)`` or, for point clouds, ``(coords, colors)``
+    and ``super_points`` when the batch has them."""
+    if "images" in batch:
+        inputs = (batch["images"],)
+    else:
+        inputs = (batch["coords"], batch["colors"]) + ((batch["super_points"],) if "super_points" in batch else ())
     return inputs if device is None else tuple(x.to(device, non_blocking=True) for x in inputs)
 
 

@@ -23,7 +23,7 @@ from influencerformer.data.pointcloud import instance_targets
 from influencerformer.metrics import InstanceAP3D, query_usage
 from influencerformer.models import instance_inference
 
-from .evaluate import InstanceCounts, unwrap
+from .evaluate import InstanceCounts, model_inputs, unwrap
 
 MIN_REGION_SIZE = 100  # ScanNet protocol: instances and predictions under 100 points are not evaluated
 
@@ -92,24 +92,29 @@ def sample_indices(n: int, num_points: int | None, generator: torch.Generator | 
     return order
 
 
-def collate_points(items: list[dict], *, num_points: int | None, class_map: Sequence[int],
+def collate_points(items: list[dict], *, num_points: int | None, class_map: Sequence[int] | None,
                    generator: torch.Generator | None = None) -> dict[str, Any]:
     """Scenes → ``{"coords" (B, N, 3), "colors" (B, N, 3), "targets": [{"labels" (K,), "masks" bool (K, N)}],
-    "scene_ids"}`` with N = ``num_points`` sampled per scene (None: every point; scenes must then agree)."""
+    "scene_ids"}`` (+ ``"super_points" (B, N)`` when every scene has them) with N = ``num_points`` sampled
+    per scene (None: every point; scenes must then agree)."""
     if num_points is None and len({len(item["coords"]) for item in items}) > 1:
         sizes = [len(item["coords"]) for item in items]
         raise ValueError(f"scenes of a batch have different point counts {sizes}: set data.num_points "
                          f"(points sampled per scene) or data.batch_size=1")
-    coords, colors, targets = [], [], []
+    with_super_points = all("super_points" in item for item in items)  # masks are then per superpoint
+    columns: dict[str, list[torch.Tensor]] = {"coords": [], "colors": [], "super_points": []}
+    targets = []
     for item in items:
         index = sample_indices(len(item["coords"]), num_points, generator)
         pick = (lambda x: x) if index is None else (lambda x: x[index])  # noqa: E731
         xyz = pick(item["coords"]).float()
-        coords.append(xyz - xyz.amin(0))  # one origin per scene: coordinates stay small and positive
-        colors.append(pick(item["colors"]).float())
+        columns["coords"].append(xyz - xyz.amin(0))  # one origin per scene: coordinates stay small and positive
+        columns["colors"].append(pick(item["colors"]).float())
+        if with_super_points:
+            columns["super_points"].append(pick(item["super_points"]).long())
         targets.append(instance_targets(pick(item["instance_labels"]), pick(item["sem_labels"]), class_map))
-    return {"coords": torch.stack(coords), "colors": torch.stack(colors), "targets": targets,
-            "scene_ids": [item.get("scene_id", "") for item in items]}
+    batch = {key: torch.stack(values) for key, values in columns.items() if values}
+    return {**batch, "targets": targets, "scene_ids": [item.get("scene_id", "") for item in items]}
 
 
 def make_point_collate(dataset: PointScenes, num_points: int | None,
@@ -136,7 +141,7 @@ class PointEvaluator:
         counts = InstanceCounts(self.info, with_pq=False)
         for index in range(len(self.dataset)):
             batch = self.collate([self.dataset[index]])
-            outputs = model(batch["coords"].to(device), batch["colors"].to(device))
+            outputs = model(*model_inputs(batch, device))
             logits = outputs["pred_logits"][0].float().cpu()
             res = instance_inference(logits, outputs["pred_masks"][0, :, None, :].float().cpu(), None, topk=self.topk)
             res["masks"] = res["masks"][:, 0]
@@ -156,8 +161,8 @@ class PointEvaluator:
 def predict_scene(model: torch.nn.Module, item: dict, *, topk: int = 100, score_threshold: float = 0.5) -> dict:
     """Instances of one whole scene with score > ``score_threshold``: masks bool (N, P), labels, scores."""
     device = next(model.parameters()).device
-    xyz = item["coords"].float()
-    outputs = model((xyz - xyz.amin(0))[None].to(device), item["colors"].float()[None].to(device))
+    batch = collate_points([item], num_points=None, class_map=None)
+    outputs = model(*model_inputs(batch, device))
     res = instance_inference(outputs["pred_logits"][0].float().cpu(), outputs["pred_masks"][0, :, None].float().cpu(),
                              None, topk=topk)
     keep = res["scores"] > score_threshold

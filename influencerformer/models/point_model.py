@@ -216,13 +216,30 @@ class VoxelBackbone(nn.Module):
         return self.norm(x)
 
 
+def _superpoint_index(super_points: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B·N,) index of each point's superpoint among all superpoints of the batch, and their number."""
+    b = super_points.shape[0]
+    scene = torch.arange(b, device=super_points.device)[:, None].expand_as(super_points)
+    keys = torch.stack([scene.reshape(-1), super_points.reshape(-1).long()], 1)
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    return inverse, len(unique)
+
+
+def superpoint_mean(masks: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Mask logits (B, Q, N) averaged over superpoints (``index`` from `_superpoint_index`), read back per point."""
+    b, q, n = masks.shape
+    flat = masks.permute(1, 0, 2).reshape(q, b * n).T  # (B·N, Q)
+    return scatter_mean(flat, index, size)[index].T.reshape(q, b, n).permute(1, 0, 2)
+
+
 class PointQueryModel(nn.Module):
-    """``forward(coords (B, N, 3) metres, colors (B, N, 3) in [0, 1])`` →
+    """``forward(coords (B, N, 3) metres, colors (B, N, 3) in [0, 1], super_points (B, N) or None)`` →
     ``{"pred_logits": (B, Q, C+1), "pred_masks": (B, Q, N) point mask logits,
     "aux_outputs": [num_decoder_layers dicts of the same], "point_to_voxel": (B, N)}``.
 
     Masks are predicted per finest voxel and read at each point's voxel, so every point of a voxel
-    shares its logit. The backbone runs on the whole batch; the decoder once per scene.
+    shares its logit; with ``super_points`` (e.g. ScanNet's segments) they are then averaged over each
+    superpoint. The backbone runs on the whole batch; the decoder once per scene.
     """
 
     def __init__(self, cfg: PointModelConfig) -> None:
@@ -243,11 +260,18 @@ class PointQueryModel(nn.Module):
             masked_attention=cfg.masked_attention,
         )
 
-    def forward(self, coords: torch.Tensor, colors: torch.Tensor) -> dict:
+    def forward(self, coords: torch.Tensor, colors: torch.Tensor, super_points: torch.Tensor | None = None) -> dict:
+        """super_points: optional (B, N) integer id of each point's superpoint (any ids, per scene); when
+        given, every mask logit is averaged over its superpoint, so masks are predicted per superpoint."""
         if coords.dim() != 3 or coords.shape[-1] != 3 or colors.shape != coords.shape:
             raise ValueError(
                 f"PointQueryModel: expected coords and colors (B, N, 3), got {tuple(coords.shape)} "
                 f"and {tuple(colors.shape)}"
+            )
+        if super_points is not None and (super_points.shape != coords.shape[:2] or super_points.is_floating_point()):
+            raise ValueError(
+                f"PointQueryModel: expected integer super_points (B, N) = {tuple(coords.shape[:2])}, "
+                f"got {super_points.dtype} {tuple(super_points.shape)}"
             )
         b = coords.shape[0]
         with torch.no_grad():  # the grids are integer bookkeeping, not a gradient path
@@ -268,8 +292,11 @@ class PointQueryModel(nn.Module):
         outs = [self.decoder([mem[None]], mf.T[None], [pos[None]]) for mem, mf, pos in per_scene]
         local = point_to_voxel - first[:, None]  # (B, N): each point's voxel within its scene
 
+        pool = None if super_points is None else _superpoint_index(super_points)
+
         def to_points(masks: list[torch.Tensor]) -> torch.Tensor:
-            return torch.cat([m.gather(2, local[i][None, None].expand(1, m.shape[1], -1)) for i, m in enumerate(masks)])
+            out = torch.cat([m.gather(2, local[i][None, None].expand(1, m.shape[1], -1)) for i, m in enumerate(masks)])
+            return out if pool is None else superpoint_mean(out, *pool)
 
         def layer(get) -> dict:
             return {

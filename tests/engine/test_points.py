@@ -10,7 +10,7 @@ from influencerformer.data.rooms3d import Rooms3D
 from influencerformer.engine.checkpoint import load_checkpoint
 from influencerformer.engine.compare import compare
 from influencerformer.engine.config import ConfigError, DataConfig, build_dataset, load_config
-from influencerformer.engine.evaluate import evaluate_checkpoint
+from influencerformer.engine.evaluate import evaluate_checkpoint, model_inputs
 from influencerformer.engine.points import PointEvaluator, PointScenes, collate_points, point_owner
 from influencerformer.engine.train import train
 
@@ -162,3 +162,28 @@ def test_point_data_without_a_config_file_gets_the_cpu_3d_budget():
     shipped = load_config(Path(__file__).parents[2] / "configs" / "rooms3d_cpu.yaml")
     assert load_config(None, ["data.name=rooms3d"]).to_dict() == shipped.to_dict()
     assert load_config(None, ["data.name=shapes2d"]).train.steps == 3000  # images keep their own defaults
+
+
+def test_collate_keeps_the_super_points_of_the_sampled_points():
+    item = {**_scene([0, 0, 1, 1, -1], [1, 1, 2, 2, 0]), "super_points": torch.tensor([7, 7, 8, 9, 9])}
+    batch = collate_points([item], num_points=3, class_map=None, generator=torch.Generator().manual_seed(0))
+    index = (batch["colors"][0, :, 0] * 100).round().long()
+    assert torch.equal(batch["super_points"][0], item["super_points"][index])
+    assert model_inputs(batch)[2] is batch["super_points"]  # the model receives them
+    assert "super_points" not in collate_points([_scene([0], [1])], num_points=None, class_map=None)
+
+
+def test_scannet_with_super_points_trains_and_evaluates(tmp_path):
+    from influencerformer.data.pointcloud import write_preprocessed
+    from influencerformer.data.rooms3d import S3DIS_TO_NYU40
+
+    rooms = Rooms3D("train", num_scenes=2, points_per_room=(1500, 2000))
+    for i in range(2):
+        scene = dict(rooms[i])
+        scene["sem_labels"] = torch.as_tensor(S3DIS_TO_NYU40)[scene["sem_labels"]]
+        scene["super_points"] = (scene["coords"][:, 0] // 0.3).long() * 1000 + (scene["coords"][:, 1] // 0.3).long()
+        write_preprocessed(scene, tmp_path / "scannet", f"scene{i:04d}_00")
+    cfg = tiny_3d(tmp_path / "run", "data.name=scannet", f"data.root={tmp_path / 'scannet'}", "train.steps=2")
+    result = train(cfg)
+    assert result["steps"] == 2 and result["AP25"] >= 0.0
+    assert evaluate_checkpoint(tmp_path / "run", device="cpu")["AP"] == result["AP"]

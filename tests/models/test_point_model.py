@@ -120,3 +120,25 @@ def test_bad_inputs_and_config():
         PointModelConfig(**{**TINY, "nheads": 3})
     with pytest.raises(ValueError, match=r"voxel_size: expected > 0, got 0"):
         PointModelConfig(voxel_size=0)
+
+
+def test_super_points_share_one_logit_each(scene):
+    torch.manual_seed(0)
+    model = PointQueryModel(PointModelConfig(**TINY))
+    coords, colors = scene["coords"][None], scene["colors"][None]
+    super_points = (coords[..., 0] // 0.5).long() * 100 + (coords[..., 1] // 0.5).long()  # 50 cm columns
+    plain = model(coords, colors)["pred_masks"]
+    pooled = model(coords, colors, super_points)
+    for sp in super_points[0].unique()[:5]:
+        members = super_points[0] == sp
+        values = pooled["pred_masks"][0][:, members]
+        assert torch.allclose(values, plain[0][:, members].mean(1, keepdim=True).expand_as(values), atol=1e-5)
+    assert torch.allclose(pooled["aux_outputs"][0]["pred_masks"][0][:, members],
+                          pooled["aux_outputs"][0]["pred_masks"][0][:, members][:, :1].expand(-1, int(members.sum())))
+    # two scenes in a batch: the same superpoint id in different scenes stays two superpoints
+    both = model(torch.cat([coords, coords]), torch.cat([colors, colors]), torch.cat([super_points, super_points]))
+    assert torch.allclose(both["pred_masks"][0], pooled["pred_masks"][0], atol=1e-5)
+    pooled["pred_masks"].sum().backward()
+    assert model.mask_proj.weight.grad is not None and model.mask_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"expected integer super_points \(B, N\)"):
+        model(coords, colors, super_points.float())
