@@ -213,7 +213,7 @@ class Run:
     step: int = 0
     curve: list[dict[str, Any]] = field(default_factory=list)
     recent: deque = field(default_factory=lambda: deque(maxlen=FINAL_LOSS_WINDOW))
-    times: dict[str, list[float]] = field(default_factory=lambda: {"step": [], "loss": [], "data": []})
+    times: dict[str, list[float]] = field(default_factory=lambda: {"step": [], "loss": [], "assign": [], "data": []})
     logger: RunLogger | None = None
     checkpoint: str | None = None  # the latest checkpoint written (rank 0)
 
@@ -228,6 +228,8 @@ def _build(cfg: Config, info: distributed.DistInfo) -> Run:
     train_set, ds_info = build_dataset(cfg.data, "train")
     model = build_model(cfg, ds_info.num_classes).to(info.device)  # built first: same init for every criterion
     criterion = build_criterion(cfg, ds_info.num_classes).to(info.device)
+    if hasattr(criterion, "assign_timer"):
+        criterion.assign_timer.enabled = True  # events / perf_counter only: no extra host sync
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp == "fp16")
@@ -334,11 +336,12 @@ def _guard(run: Run, losses: dict[str, torch.Tensor]) -> None:
         raise NonFiniteLossError(f"non-finite loss at step {run.step + 1}: {where}")
 
 
-def _accumulate(run: Run, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], float, float]:
-    """Forward + backward over ``grad_accum`` micro-batches; returns (mean terms, loss seconds, data seconds)."""
+def _accumulate(run: Run, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Forward + backward over ``grad_accum`` micro-batches; returns (mean terms, seconds of loss / assign / data)."""
     accum, amp = run.cfg.train.grad_accum, run.cfg.train.amp
     totals: dict[str, torch.Tensor] = {}
-    loss_s = data_s = 0.0
+    loss_s = data_s = assign_s = 0.0
+    timer = getattr(run.criterion, "assign_timer", None)
     for micro in range(accum):
         t = time.perf_counter()
         inputs, targets = to_device(next(batches), run.device)
@@ -355,11 +358,15 @@ def _accumulate(run: Run, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, 
             losses = _losses(run, outputs, targets)
             sync(run.device)
             loss_s += time.perf_counter() - t
+            assign_s += timer.pop_ms() / 1000 if timer is not None else 0.0
             _guard(run, losses)
             run.scaler.scale(losses["loss"] / accum).backward()
         for key, value in losses.items():
             totals[key] = totals.get(key, 0.0) + value.detach() / accum
-    return totals, loss_s, data_s
+    seconds = {"loss": loss_s, "data": data_s}
+    if timer is not None:
+        seconds["assign"] = assign_s
+    return totals, seconds
 
 
 def _optimizer_step(run: Run) -> torch.Tensor | None:
@@ -380,7 +387,7 @@ def _record(run: Run, losses: dict[str, torch.Tensor], norm: torch.Tensor | None
     loss = float(losses["loss"])
     run.recent.append(loss)
     for key, value in times.items():
-        run.times[key].append(value)
+        run.times.setdefault(key, []).append(value)
     if run.step % run.cfg.train.log_every == 0 or run.step == run.cfg.train.steps:
         weights = run.criterion.weight_dict
         terms = {k: float(v) for k, v in losses.items() if k != "loss"}
@@ -397,6 +404,8 @@ def _evaluate(run: Run) -> None:
     devices = [run.device] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         change = run.probe(run.model, run.criterion, run.device) if run.probe is not None else None
+        if hasattr(run.criterion, "assign_timer"):
+            run.criterion.assign_timer.pop_ms()  # the probe's assignment is not a training step's
         metrics = run.evaluator(run.model, run.device) if run.evaluator is not None else None
     if metrics is not None:
         point = {"step": run.step, **metrics, "assignment_change": change,
@@ -454,11 +463,11 @@ def _train(cfg: Config, info: distributed.DistInfo, resume: bool, stop_at: int |
     try:
         while run.step < stop:
             t0 = time.perf_counter()
-            losses, loss_s, data_s = _accumulate(run, batches)
+            losses, seconds = _accumulate(run, batches)
             norm = _optimizer_step(run)
             sync(run.device)
             run.step += 1
-            loss = _record(run, losses, norm, {"step": time.perf_counter() - t0, "loss": loss_s, "data": data_s})
+            loss = _record(run, losses, norm, {"step": time.perf_counter() - t0, **seconds})
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if _due(run.step, cfg.train.eval_every, cfg.train.steps):
@@ -486,7 +495,7 @@ TIMING_WARMUP = 5  # first steps are slower (allocator, lazy init): left out of 
 def summarize(run: Run) -> dict[str, Any]:
     """Final metrics (last evaluation), curve and mean timings of a run, all JSON-serialisable."""
     def mean_ms(key: str) -> float | None:
-        values = run.times[key]
+        values = run.times.get(key, [])
         values = values[TIMING_WARMUP:] if len(values) > 2 * TIMING_WARMUP else values
         return 1000 * sum(values) / len(values) if values else None
 
@@ -497,7 +506,8 @@ def summarize(run: Run) -> dict[str, Any]:
         "run_dir": str(run.cfg.train.out_dir), "checkpoint": run.checkpoint,
         **{k: v for k, v in last.items() if k not in ("step", "loss", "assignment_change")},
         "final_loss": sum(run.recent) / len(run.recent) if run.recent else None,
-        "step_ms": mean_ms("step"), "loss_ms": mean_ms("loss"), "data_ms": mean_ms("data"),
+        "step_ms": mean_ms("step"), "loss_ms": mean_ms("loss"), "assign_ms": mean_ms("assign"),
+        "data_ms": mean_ms("data"),
         "assignment_change": sum(changes) / len(changes) if changes else None,
         "curve": run.curve,
     }

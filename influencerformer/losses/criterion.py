@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from .assignment import Indices, linear_sum_assignment_batched
+from .timing import SectionTimer
 from .mask_losses import (
     brier_loss,
     dice_loss,
@@ -112,6 +113,8 @@ class SetCriterion(nn.Module):
         empty_weight = torch.ones(num_classes + 1)
         empty_weight[-1] = no_object_weight
         self.register_buffer("empty_weight", empty_weight)
+        # times the assignment (Hungarian: costs + matching; transport: the Sinkhorn plan) when enabled
+        self.assign_timer = SectionTimer()
 
     def layer_losses(
         self, pred_logits: Tensor, pred_masks: Tensor, targets: Sequence[dict[str, Tensor]], num_masks: Tensor
@@ -329,13 +332,14 @@ class HungarianCriterion(SetCriterion):
         padded = pad_targets(targets, logits.device)
         grid_targets = self._targets_on_grid(padded, masks)
         matcher_coords, loss_draws = self._draw_random(len(layers), padded.sizes, masks)
-        with torch.no_grad(), torch.autocast(masks.device.type, enabled=False):
-            costs = self.matching_costs(layers, padded, matcher_coords, grid_targets)
-        num_queries = logits.shape[1]
-        flat = linear_sum_assignment_batched(
-            costs.flatten(0, 1), [(num_queries, k) for k in padded.sizes] * len(layers),
-            backend=self.assignment_backend,
-        )
+        with self.assign_timer(masks.device):
+            with torch.no_grad(), torch.autocast(masks.device.type, enabled=False):
+                costs = self.matching_costs(layers, padded, matcher_coords, grid_targets)
+            num_queries = logits.shape[1]
+            flat = linear_sum_assignment_batched(
+                costs.flatten(0, 1), [(num_queries, k) for k in padded.sizes] * len(layers),
+                backend=self.assignment_backend,
+            )
         per_layer = [flat[i * len(targets):(i + 1) * len(targets)] for i in range(len(layers))]
         self.last_layer_indices, self.last_indices = per_layer, per_layer[0]
         return [

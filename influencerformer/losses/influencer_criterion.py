@@ -149,7 +149,8 @@ class MaskInfluencerCriterion(SetCriterion):
         contexts = [{"index": index, "point_targets": point_targets, "record": i == 0} for i in range(len(layers))]
         if self.form == "transport":
             pairs = [self._pair_terms(logits, m, index, point_targets) for logits, m in layers]
-            plans = self._plans(pairs, point_targets)
+            with self.assign_timer(masks.device):  # the pair terms are the loss itself; the plan is the assignment
+                plans = self._plans(pairs, point_targets)
             for ctx, pair, plan in zip(contexts, pairs, plans.unbind(0)):
                 ctx.update(pairs=pair, plan=plan)
         return contexts

@@ -141,7 +141,8 @@ def test_compare_writes_a_3d_report(tmp_path):
     assert (tmp_path / "cmp" / "masks.png").stat().st_size > 0
     runs = json.loads((tmp_path / "cmp" / "results.json").read_text())["runs"]
     assert [r["criterion"] for r in runs] == ["hungarian", "influencer"] == [r["criterion"] for r in results["runs"]]
-    assert all(0 < r["loss_share"] < 1 for r in runs)
+    assert all(0 < r["assign_share"] < r["loss_share"] < 1 for r in runs)  # the assignment is part of the loss
+    assert "assign. share" in report
 
 
 def test_point_config_and_cli_errors(tmp_path, capsys):
