@@ -34,7 +34,7 @@ POINT_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"preset": "tiny"},
     "criterion": {"kwargs": {"num_points": None}},
     "optim": {"lr": 1e-3, "warmup_steps": 50},
-    "train": {"steps": 600, "eval_every": 150, "checkpoint_every": 600, "out_dir": "runs/rooms3d_cpu"},
+    "train": {"steps": 500, "eval_every": 125, "checkpoint_every": 500, "out_dir": "runs/rooms3d_cpu"},
 }
 
 
