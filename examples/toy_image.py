@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +156,25 @@ def log_terms(step: int, terms: dict[str, Tensor], start: float) -> None:
           + f"  ({time.perf_counter() - start:.0f}s)", flush=True)
 
 
+def train_condensation(criterion: InfluencerLoss, opt: torch.optim.Optimizer,
+                       make_batch: Callable[[int], tuple[list[Tensor], ...]],
+                       args: argparse.Namespace) -> tuple[list[tuple[int, float]], int]:
+    """Condensation steps until ``args.steps`` or ``args.seconds``; ``make_batch(step)`` gives the per-item lists
+    (embeddings, beta, instance ids, item index). Returns the logged (step, loss) pairs, last step included,
+    and the number of steps done."""
+    losses: list[tuple[int, float]] = []
+    start, step = time.perf_counter(), 0
+    while step < args.steps and time.perf_counter() - start < args.seconds:
+        terms = condensation_step(criterion, opt, *make_batch(step))
+        step += 1
+        if step == 1 or step % args.log_every == 0:
+            losses.append((step, terms["loss"].item()))
+            log_terms(step, terms, start)
+    if not losses or losses[-1][0] != step:
+        losses.append((step, terms["loss"].item()))
+    return losses, step
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="default", help="Shapes2D preset (default, medium, crowded)")
@@ -189,9 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     criterion = InfluencerLoss(bg_weight=args.bg_weight)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
 
-    losses: list[tuple[int, float]] = []
-    start, step = time.perf_counter(), 0
-    while step < args.steps and time.perf_counter() - start < args.seconds:
+    def make_batch(step: int) -> tuple[list[Tensor], ...]:
         items = [train[(step * args.batch_size + i) % len(train)] for i in range(args.batch_size)]
         images = torch.stack([it["image"] for it in items])
         emb, beta = model(images)
@@ -203,13 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
             bs.append(beta[b].reshape(-1)[idx])
             ids.append(instance_id_map(it["masks"]).reshape(-1)[idx])
             batch.append(torch.full((idx.numel(),), b, dtype=torch.long))
-        terms = condensation_step(criterion, opt, xs, bs, ids, batch)
-        step += 1
-        if step == 1 or step % args.log_every == 0:
-            losses.append((step, terms["loss"].item()))
-            log_terms(step, terms, start)
-    if not losses or losses[-1][0] != step:
-        losses.append((step, terms["loss"].item()))
+        return xs, bs, ids, batch
+
+    losses, step = train_condensation(criterion, opt, make_batch, args)
 
     metrics = evaluate(model, val, args.num_val, args)
     final = losses[-1][1]

@@ -15,13 +15,12 @@ import argparse
 import math
 import os
 import sys
-import time
 
 import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from toy_image import condensation_step, greedy_cluster, log_terms  # noqa: E402
+from toy_image import greedy_cluster, train_condensation  # noqa: E402
 
 from influencerformer.losses import InfluencerLoss  # noqa: E402
 from influencerformer.metrics import f1_at_iou  # noqa: E402
@@ -130,9 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     criterion = InfluencerLoss(bg_weight=args.bg_weight)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
 
-    losses: list[tuple[int, float]] = []
-    start, step = time.perf_counter(), 0
-    while step < args.steps and time.perf_counter() - start < args.seconds:
+    def make_batch(step: int) -> tuple[list[Tensor], ...]:
         xs, bs, ids, batch = [], [], [], []
         for b in range(args.batch_size):
             xyz, rgb, inst = train[(step * args.batch_size + b) % len(train)]
@@ -141,13 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
             bs.append(beta)
             ids.append(inst)
             batch.append(torch.full((inst.numel(),), b, dtype=torch.long))
-        terms = condensation_step(criterion, opt, xs, bs, ids, batch)
-        step += 1
-        if step == 1 or step % args.log_every == 0:
-            losses.append((step, terms["loss"].item()))
-            log_terms(step, terms, start)
-    if not losses or losses[-1][0] != step:
-        losses.append((step, terms["loss"].item()))
+        return xs, bs, ids, batch
+
+    losses, step = train_condensation(criterion, opt, make_batch, args)
 
     metrics = evaluate(model, val, args)
     train_metrics = evaluate(model, train[:args.num_val], args)
