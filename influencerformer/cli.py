@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from influencerformer.data.download import DATA_COMMANDS, add_download_parsers
-from influencerformer.engine.config import ConfigError
+from influencerformer.engine.config import CHOICES, ConfigError
 
-DATASETS = ("shapes2d", "coco", "rooms3d", "s3dis", "scannet")
+DATASETS = CHOICES[("data", "name")]
 BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "loss_speed.py"
 
 

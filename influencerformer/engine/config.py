@@ -114,8 +114,11 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+IMAGE_DATASETS = ("shapes2d", "coco")
+POINT_DATASETS = ("rooms3d", "s3dis", "scannet")
+
 CHOICES = {
-    ("data", "name"): ("shapes2d", "coco", "rooms3d", "s3dis", "scannet"),
+    ("data", "name"): IMAGE_DATASETS + POINT_DATASETS,
     ("data", "preset"): ("default", "medium", "crowded"),
     ("optim", "schedule"): ("cosine", "poly", "constant"),
     ("train", "amp"): ("none", "bf16", "fp16"),
@@ -156,9 +159,6 @@ def _set_field(cfg: Config, section: str, key: str, value: Any) -> None:
     if allowed is not None and value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
     setattr(sec, key, value)
-
-
-POINT_DATASETS = ("rooms3d", "s3dis", "scannet")
 
 
 def is_point_data(data: DataConfig) -> bool:
@@ -223,9 +223,8 @@ def _set_open_key(cfg: Config, section: str, key: str, value: Any, criteria: Seq
     target[key] = value
 
 
-def apply_override(cfg: Config, item: str, criteria: Sequence[str] | None = None) -> None:
-    """Apply one ``section.key=value`` override in place (value parsed as a YAML scalar); ``criteria``: see
-    :func:`load_config`."""
+def _parse_override(item: str) -> tuple[str, Any]:
+    """``section.key=value`` → (``section.key``, value parsed as a YAML scalar)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     path, raw = item.split("=", 1)
@@ -233,7 +232,14 @@ def apply_override(cfg: Config, item: str, criteria: Sequence[str] | None = None
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse value of {path}: {raw!r} ({exc.__class__.__name__})") from None
-    parts = path.strip().split(".")
+    return path.strip(), value
+
+
+def apply_override(cfg: Config, item: str, criteria: Sequence[str] | None = None) -> None:
+    """Apply one ``section.key=value`` override in place (value parsed as a YAML scalar); ``criteria``: see
+    :func:`load_config`."""
+    path, value = _parse_override(item)
+    parts = path.split(".")
     sections = [f.name for f in fields(Config)]
     if parts[0] not in sections or len(parts) < 2:
         raise ConfigError(f"unknown key {path!r}; sections: {', '.join(sections)} (use section.key=value)")
@@ -296,7 +302,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except yaml.YAMLError as exc:
             raise ConfigError(f"cannot parse {path}: {exc}") from None
     if path is None and _overridden_data_name(overrides) in POINT_DATASETS:
-        data = POINT_DEFAULTS
+        data = copy.deepcopy(POINT_DEFAULTS)  # the config must not share its lists with the defaults
     cfg = from_dict(data, criteria)
     for item in overrides:
         apply_override(cfg, item, criteria)
@@ -306,8 +312,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def _overridden_data_name(overrides: Sequence[str]) -> str | None:
     """The last ``data.name=...`` among the overrides (the dataset decides the defaults), else None."""
-    names = [item.split("=", 1)[1].strip().strip("\"'") for item in overrides
-             if item.split("=", 1)[0].strip() == "data.name" and "=" in item]
+    names = [value for path, value in map(_parse_override, overrides) if path == "data.name"]
     return names[-1] if names else None
 
 
@@ -374,11 +379,8 @@ def build_dataset(data: DataConfig, split: str) -> tuple[Any, DatasetInfo]:
                                      points_per_room=data.points_per_room, strict=data.strict)
         except (ValueError, FileNotFoundError) as exc:
             raise ConfigError(f"{data.name} {split} split: {exc}") from None
-        if len(ds) == 0:
-            raise ConfigError(f"the {split} split of {data.name} is empty")
-        names = ds.class_names
-        return ds, DatasetInfo(len(names), names, list(range(len(names))))
-    if data.name == "shapes2d":
+        names, category_ids = ds.class_names, list(range(len(ds.class_names)))
+    elif data.name == "shapes2d":
         from influencerformer.data import Shapes2D
 
         extra = {} if data.image_size is None else {"image_size": data.image_size}
@@ -386,7 +388,7 @@ def build_dataset(data: DataConfig, split: str) -> tuple[Any, DatasetInfo]:
             ds = Shapes2D(split, preset=data.preset, num_images=num, seed=data.seed, **extra)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        names = list(ds.thing_classes)
+        names, category_ids = list(ds.thing_classes), list(ds.category_ids)
     else:
         from influencerformer.data import COCOInstanceDataset, find_coco_files
 
@@ -396,8 +398,8 @@ def build_dataset(data: DataConfig, split: str) -> tuple[Any, DatasetInfo]:
             raise ConfigError(str(exc)) from None
         size = data.image_size
         ds = COCOInstanceDataset(image_dir, ann_file, image_size=size, pad_to=size)
-        names = list(ds.class_names)
-    info = DatasetInfo(len(names), names, list(ds.category_ids))
+        names, category_ids = list(ds.class_names), list(ds.category_ids)
+    info = DatasetInfo(len(names), names, category_ids)
     if num is not None and data.name == "coco" and num < len(ds):
         ds = Subset(ds, range(num))  # the first images: a fixed, reproducible evaluation subset
     if len(ds) == 0:

@@ -141,10 +141,7 @@ class PointEvaluator:
         counts = InstanceCounts(self.info, with_pq=False)
         for index in range(len(self.dataset)):
             batch = self.collate([self.dataset[index]])
-            outputs = model(*model_inputs(batch, device))
-            logits = outputs["pred_logits"][0].float().cpu()
-            res = instance_inference(logits, outputs["pred_masks"][0, :, None, :].float().cpu(), None, topk=self.topk)
-            res["masks"] = res["masks"][:, 0]
+            logits, res = scene_instances(model, batch, device, topk=self.topk)
             gt = batch["targets"][0]
             ap.update({"masks": res["masks"], "labels": res["labels"], "scores": res["scores"]}, gt)
             counts.add(res, gt["masks"], gt["labels"])
@@ -154,19 +151,27 @@ class PointEvaluator:
         return {"AP": result["AP"], "AP50": result["AP50"], "AP25": result["AP25"], **counts.summary()}
 
 
+def scene_instances(model: torch.nn.Module, batch: dict[str, Any], device: torch.device | str,
+                    *, topk: int = 100) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Class logits ``(Q, C+1)`` and Mask2Former instance inference (no NMS; masks bool ``(N, P)``) of the
+    one scene in ``batch``, on the CPU."""
+    outputs = model(*model_inputs(batch, device))
+    logits = outputs["pred_logits"][0].float().cpu()
+    res = instance_inference(logits, outputs["pred_masks"][0, :, None, :].float().cpu(), None, topk=topk)
+    res["masks"] = res["masks"][:, 0]
+    return logits, res
+
+
 # ----------------------------------------------------------------------------------------- pictures
 
 
 @torch.no_grad()
 def predict_scene(model: torch.nn.Module, item: dict, *, topk: int = 100, score_threshold: float = 0.5) -> dict:
     """Instances of one whole scene with score > ``score_threshold``: masks bool (N, P), labels, scores."""
-    device = next(model.parameters()).device
     batch = collate_points([item], num_points=None, class_map=None)
-    outputs = model(*model_inputs(batch, device))
-    res = instance_inference(outputs["pred_logits"][0].float().cpu(), outputs["pred_masks"][0, :, None].float().cpu(),
-                             None, topk=topk)
+    _, res = scene_instances(model, batch, next(model.parameters()).device, topk=topk)
     keep = res["scores"] > score_threshold
-    return {"masks": res["masks"][keep, 0], "labels": res["labels"][keep], "scores": res["scores"][keep]}
+    return {k: res[k][keep] for k in ("masks", "labels", "scores")}
 
 
 def point_owner(masks: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
