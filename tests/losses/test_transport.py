@@ -137,3 +137,101 @@ def test_logsumexp_without_denormals_equals_torch(dtype):
         torch.testing.assert_close(g_ours, g_want, rtol=1e-5, atol=1e-30)
     with torch.no_grad():  # the in-place branch
         torch.testing.assert_close(_logsumexp(z, -1), torch.logsumexp(z, -1))
+
+
+# ------------------------------------------------------------------ subnormals on trained-like (peaked) costs
+
+
+def subnormals(t):
+    """Number of subnormal (denormal) entries of a float tensor: non-zero and below the dtype's smallest normal."""
+    t = t.detach()
+    return int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
+
+
+def peaked_cost(b=4, q=30, k=8, seed=0):
+    """Cost of a trained model: each instance has one cheap query, every other pair costs 3-16 more (float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    cost = 3 + 13 * torch.rand(b, q, k + 1, generator=gen)
+    cost[:, torch.arange(k), torch.arange(k)] = 0.1 * torch.rand(b, k, generator=gen)
+    cost[..., -1] = 0.0  # no-object column
+    row = torch.ones(b, q)
+    col = torch.cat([torch.ones(b, k), torch.full((b, 1), float(q - k))], 1)
+    return cost, row, col
+
+
+def test_peaked_cost_plan_has_no_subnormals(monkeypatch):
+    import influencerformer.losses.transport as transport
+
+    cost, row, col = peaked_cost()
+    plan = sinkhorn(cost, row, col, epsilon=0.1, iters=30)
+    assert subnormals(plan) == 0 and (plan == 0).any()
+    monkeypatch.setattr(transport, "_PLAN_FLOOR", float("-inf"))  # the plan as it was: exp of every exponent
+    raw = sinkhorn(cost, row, col, epsilon=0.1, iters=30)
+    assert subnormals(raw) > 0  # the case does exercise the problem
+    flushed = plan != raw
+    assert (plan[flushed] == 0).all() and (raw[flushed] < 1.5e-11).all()  # only tiny weights are flushed
+    torch.testing.assert_close(plan.sum(-1), row, rtol=0, atol=1e-6)
+
+
+def trained_like_inputs(b=2, q=24, k=6, size=32, classes=4, layers=2, scale=8.0, seed=0):
+    """Confident predictions: queries 0..k-1 predict the k square instances (6-10 px a side) at logit +-``scale``
+    (+ noise) with the right class; the other queries predict nothing and "no object".  Final layer plus
+    ``layers`` aux layers.  An idle query's cheapest instance then costs ~9-10 more than its match: the weight
+    exp(-cost / 0.1) is a float32 subnormal, and so are the gradients it weights."""
+    gen = torch.Generator().manual_seed(seed)
+    targets, logits, masks = [], [], []
+    for _ in range(b):
+        m = torch.zeros(k, size, size, dtype=torch.bool)
+        for i in range(k):
+            side = int(torch.randint(6, 11, (1,), generator=gen))
+            y, x = torch.randint(0, size - side, (2,), generator=gen).tolist()
+            m[i, y:y + side, x:x + side] = True
+        labels = torch.randint(0, classes, (k,), generator=gen)
+        pm = torch.full((q, size, size), -scale)
+        pm[:k][m] = scale
+        pl = torch.zeros(q, classes + 1)
+        pl[torch.arange(k), labels] = scale
+        pl[k:, classes] = scale
+        targets.append({"labels": labels, "masks": m})
+        logits.append(pl), masks.append(pm)
+    stack = [(torch.stack(logits) + torch.randn(b, q, classes + 1, generator=gen),
+              torch.stack(masks) + torch.randn(b, q, size, size, generator=gen)) for _ in range(layers + 1)]
+    leaves = [(lg.requires_grad_(), mk.requires_grad_()) for lg, mk in stack]
+    outputs = {"pred_logits": leaves[-1][0], "pred_masks": leaves[-1][1],
+               "aux_outputs": [{"pred_logits": lg, "pred_masks": mk} for lg, mk in leaves[:-1]]}
+    return outputs, targets, leaves
+
+
+@pytest.mark.parametrize("num_points", [None, 512])
+def test_trained_like_criterion_plan_and_gradients_have_no_subnormals(monkeypatch, num_points):
+    """Through MaskInfluencerCriterion (transport): no subnormal plan weight, loss term or gradient."""
+    import influencerformer.losses.influencer_criterion as ic
+    import influencerformer.losses.transport as transport
+
+    plans = []
+
+    def spy(*args, **kwargs):
+        plans.append(sinkhorn(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(ic, "sinkhorn", spy)
+
+    def run():
+        outputs, targets, leaves = trained_like_inputs()
+        torch.manual_seed(0)  # the same sampled pixels in both runs
+        losses = ic.MaskInfluencerCriterion(4, form="transport", num_points=num_points)(outputs, targets)
+        losses["loss"].backward()
+        return losses, leaves
+
+    losses, leaves = run()
+    assert subnormals(plans[-1]) == 0
+    assert all(subnormals(v) == 0 for v in losses.values())
+    for logits, masks in leaves:
+        assert subnormals(masks.grad) == 0 and subnormals(logits.grad) == 0
+        assert masks.grad.abs().amax() > 0
+    monkeypatch.setattr(transport, "_PLAN_FLOOR", float("-inf"))  # the plan as it was
+    raw_losses, raw_leaves = run()
+    assert subnormals(plans[-1]) > 0 and sum(subnormals(m.grad) for _, m in raw_leaves) > 0  # exercised
+    torch.testing.assert_close(losses["loss"], raw_losses["loss"], rtol=1e-6, atol=0)  # same loss
+    for (_, masks), (_, raw) in zip(leaves, raw_leaves):
+        torch.testing.assert_close(masks.grad, raw.grad, rtol=1e-5, atol=1e-12)
