@@ -102,11 +102,26 @@ def _compare_parser(sub: Any) -> None:
     p = sub.add_parser("compare", help="train the same model once per criterion and write a report",
                        formatter_class=_Formatter,
                        description="Same model, data, data order and seed; only the loss differs. Writes "
-                                   "report.md, results.json, curves.png, masks.png and runs/ into --out.")
+                                   "report.md (table, verdict, machine load, setup), results.json, curves.png, "
+                                   "masks.png and runs/ into --out.\n\n"
+                                   "Variants put one criterion with different options side by side, e.g.\n"
+                                   "  influencerformer compare --criteria hungarian transport \\\n"
+                                   "      --variant eps05=transport,epsilon=0.05 \\\n"
+                                   "      --variant top3=transport,topk=3,detach_plan=false --seeds 0 1 2\n"
+                                   "--set criterion.KEY=VALUE applies to every compared criterion that accepts KEY; "
+                                   "a variant's own KEY=VALUE wins over it. The first criterion is the verdict's "
+                                   "baseline.")
     _add_config_options(p, with_criterion=False)
     p.add_argument("--criteria", nargs="+", metavar="NAME", default=["hungarian", "influencer"],
-                   help="registered criteria to compare")
+                   help="registered criteria to compare, each with the config's criterion kwargs; the first is the "
+                        "baseline of the verdict")
+    p.add_argument("--variant", dest="variants", metavar="NAME=CRITERION[,KEY=VALUE...]", action="append", default=[],
+                   help="repeatable: one more compared loss, run after --criteria: registered CRITERION with keyword "
+                        "arguments (values parsed as YAML), reported as NAME, e.g. eps05=transport,epsilon=0.05")
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", default=[0], help="one run per seed and criterion")
+    p.add_argument("--seed-spread", metavar="SD[:SOURCE]", default=None,
+                   help="with one seed, a committed multi-seed AP standard deviation for the verdict to quote, e.g. "
+                        "'0.011:docs/results.md §1, 3 seeds'; none = the verdict says the spread is unknown")
     p.add_argument("--eval-every", type=int, metavar="N", default=None,
                    help="evaluate every N steps (train.eval_every); none = the config's")
     p.add_argument("--num-images", type=int, metavar="N", default=4, help="val images shown in masks.png")
@@ -224,14 +239,25 @@ def _training_size(cfg: Any) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from influencerformer.engine.compare import compare
+    from influencerformer.engine.compare import SeedSpread, compare, parse_variant
     from influencerformer.engine.config import load_config
 
     if args.num_images < 1:
         raise ConfigError(f"--num-images must be ≥ 1, got {args.num_images}")
-    cfg = load_config(args.config, _overrides(args, out=None), criteria=args.criteria)
-    results = compare(cfg, args.criteria, args.seeds, args.out, num_images=args.num_images, resume=args.resume)
-    print((Path(args.out) / "report.md").read_text())
+    variants = [parse_variant(text) for text in args.variants]
+    spread = None
+    if args.seed_spread is not None:
+        sd, _, source = args.seed_spread.partition(":")
+        try:
+            spread = SeedSpread(float(sd), source.strip() or "given with --seed-spread")
+        except ValueError:
+            raise ConfigError(f"--seed-spread must be SD[:SOURCE] with SD a number, got {args.seed_spread!r}") from None
+    criteria = list(args.criteria) + [v.criterion for v in variants]  # criterion.* keys valid for any of them
+    cfg = load_config(args.config, _overrides(args, out=None), criteria=criteria)
+    results = compare(cfg, list(args.criteria) + variants, args.seeds, args.out, num_images=args.num_images,
+                      resume=args.resume, seed_spread=spread)
+    report = (Path(args.out) / "report.md").read_text()
+    print(report.split("\n## Columns")[0].rstrip())  # the column glossary stays in the file
     print(f"wrote {args.out}/report.md, results.json, curves.png, masks.png ({len(results['runs'])} runs)")
     return 0
 

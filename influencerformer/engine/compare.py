@@ -1,177 +1,309 @@
 """Head-to-head comparison of criteria: same model, data, order and seed — only the loss differs.
 
-``compare(cfg, criteria, seeds, out_dir)`` trains one run per (seed, criterion) with :func:`train`,
-then writes a report folder:
+``compare(cfg, variants, seeds, out_dir)`` trains one run per (seed, variant) with :func:`train`, then writes
+a report folder:
 
-- ``results.json``: ``{"runs": [{"criterion", "seed", "steps", "AP", "AP50", "AP75", "F1",
-  "duplicate_rate", "step_ms", "loss_ms", "curve": [{"step", "AP", ...}], ...}], "summary": {...}}``
-- ``report.md``: one table row per criterion, mean ± sd over seeds
-- ``curves.png``: AP and training loss against step, every criterion
-- ``masks.png``: the same val images: ground truth, then each criterion's predictions
-- ``runs/<criterion>_seed<seed>/``: each run's own directory (config, metrics.jsonl, checkpoints)
+- ``report.md``: one table row per variant (mean ± sd over seeds), a verdict line, the machine load, the setup
+  (see :mod:`.report`);
+- ``results.json``: ``{"runs": [{"criterion" (the variant's name), "loss" (the registered criterion),
+  "kwargs", "seed", "steps", "AP", ..., "step_ms", "loss_ms" (medians), "load_max", "curve", "loss_curve"}],
+  "summary": {variant: {key: {"values" (per seed), "mean", "sd", "median", "n"}}}, "machine": {...}}``;
+- ``curves.png`` and ``masks.png`` (see :mod:`.plots`);
+- ``runs/<variant>_seed<seed>/``: each run's own folder: config.yaml, metrics.jsonl, checkpoints/, load.json
+  (the machine's load during the run) and console.log (everything the run printed, its config dump included).
+
+A variant is a registered criterion plus keyword arguments on top of the config's ``criterion.*``: a plain
+name (``"transport"``) or ``Variant("eps05", "transport", {"epsilon": 0.05})``, on the command line
+``--variant eps05=transport,epsilon=0.05``; so Hungarian and several transport settings go side by side.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import statistics
+import sys
+import threading
+import time
+from contextlib import redirect_stdout
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from .config import Config, ConfigError, build_dataset, copy_config, criterion_kwargs, is_point_data, validate
-from .evaluate import draw_instances, load_trained, predict_instances
-from .train import train
+import torch
+import yaml
 
-TABLE = [  # (results key, column title, format); "±" columns are mean ± sd over seeds
-    ("AP", "AP", "{:.3f}"), ("AP50", "AP50", "{:.3f}"), ("AP75", "AP75", "{:.3f}"), ("AP25", "AP25", "{:.3f}"),
-    ("F1", "F1", "{:.3f}"),
-    ("duplicate_rate", "dup. rate", "{:.3f}"), ("no_object_queries", "no-object queries", "{:.2f}"),
-    ("PQ", "PQ", "{:.3f}"), ("final_loss", "final loss", "{:.3f}"),
-    ("loss_ms", "loss ms/step", "{:.1f}"), ("assign_ms", "assign. ms/step", "{:.1f}"), ("step_ms", "ms/step", "{:.1f}"),
-    ("loss_share", "loss share", "{:.2f}"), ("assign_share", "assign. share", "{:.2f}"),
-    ("steps_to_90", "steps to 90% AP", "{:.0f}"), ("assignment_change", "assign. change", "{:.3f}"),
-]
+from .checkpoint import list_checkpoints
+from .config import (Config, ConfigError, build_criterion, build_dataset, copy_config, criterion_kwargs, is_point_data,
+                     validate)
+from .distributed import pick_device
+from .evaluate import SCORE_THRESHOLD, draw_instances, load_trained, predict_instances
+from .plots import plot_curves, plot_masks, plot_point_masks
+from .points import draw_point_instances, point_owner, predict_scene
+from .report import SeedSpread, report_markdown, steps_to_fraction, summarize_runs
+from .train import TIMING_WARMUP, train
 
+__all__ = ["SeedSpread", "Variant", "compare", "parse_variant", "run_config", "steps_to_fraction", "summarize_runs"]
 
-def steps_to_fraction(curve: Sequence[dict[str, Any]], fraction: float = 0.9, key: str = "AP") -> int | None:
-    """First evaluated step whose ``key`` reaches ``fraction`` × the final value (None without a curve)."""
-    final = curve[-1].get(key) if curve else None
-    if final is None or not math.isfinite(final) or final <= 0:  # nothing learnt: no step "reaches" it
-        return None
-    target = fraction * final
-    return next(p["step"] for p in curve if p.get(key) is not None and p[key] >= target)
+LOAD_INTERVAL = 10.0  # seconds between samples of the machine's load average during a run
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
-def run_config(cfg: Config, criterion: str, seed: int, out_dir: Path) -> Config:
-    """``cfg`` for one run. Criterion kwargs carry over to each criterion that accepts them
-    (e.g. ``num_points`` for all); the others are dropped for that criterion only."""
-    accepted = criterion_kwargs(criterion)
+# --------------------------------------------------------------------------------------------- variants
+
+
+@dataclass
+class Variant:
+    """One compared loss: registered ``criterion`` with ``kwargs`` on top of the config's criterion kwargs."""
+
+    name: str
+    criterion: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
+        if self.name == self.criterion and not args:
+            return self.name
+        return f"{self.name} = {self.criterion}" + (f" with {args}" if args else "")
+
+
+def parse_variant(text: str) -> Variant:
+    """``NAME=criterion[,key=value...]`` → Variant; values are YAML scalars, as in ``--set``
+    (``eps05=transport,epsilon=0.05``, ``top3=transport,topk=3,detach_plan=false``)."""
+    name, sep, rest = text.partition("=")
+    usage = f"variant {text!r} must look like NAME=criterion[,key=value...], e.g. eps05=transport,epsilon=0.05"
+    if not sep or not name.strip() or not rest.strip():
+        raise ConfigError(usage)
+    parts = re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", rest)  # a comma inside a value ([8,16]) does not split
+    criterion, kwargs = parts[0].strip(), {}
+    if "," in criterion or "=" in criterion:
+        raise ConfigError(usage)
+    for part in parts[1:]:
+        key, _, raw = part.partition("=")
+        try:
+            kwargs[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"variant {name.strip()!r}: cannot parse the value of {key.strip()}: {raw!r}") from None
+    return Variant(name.strip(), criterion, kwargs)
+
+
+def as_variants(items: Sequence[str | Variant]) -> list[Variant]:
+    """Plain criterion names and Variants as Variants, checked: valid distinct names, known criteria and keys."""
+    variants = [item if isinstance(item, Variant) else Variant(item, item) for item in items]
+    names = [v.name for v in variants]
+    if not variants:
+        raise ConfigError("compare needs at least one criterion and one seed")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"criteria and variants must have distinct names, got {names}")
+    for v in variants:
+        if not _NAME.fullmatch(v.name):
+            raise ConfigError(f"variant name {v.name!r}: use letters, digits and _ . + - (it names a folder)")
+        accepted = criterion_kwargs(v.criterion)  # unknown criterion: ConfigError listing the registered ones
+        unknown = [k for k in v.kwargs if accepted is not None and k not in accepted]
+        if unknown:
+            raise ConfigError(f"variant {v.name!r}: {v.criterion} has no keyword {', '.join(unknown)}; "
+                              f"valid: {', '.join(accepted)}")
+    return variants
+
+
+def run_config(cfg: Config, variant: str | Variant, seed: int, out_dir: Path) -> Config:
+    """``cfg`` for one run. The config's criterion kwargs carry over to each criterion that accepts them
+    (e.g. ``num_points`` for all; the others are dropped for that criterion only); the variant's win."""
+    variant = variant if isinstance(variant, Variant) else Variant(variant, variant)
+    accepted = criterion_kwargs(variant.criterion)
     kwargs = {k: v for k, v in cfg.criterion.kwargs.items() if accepted is None or k in accepted}
-    new = copy_config(cfg, criterion={"name": criterion},
-                      train={"seed": seed, "out_dir": str(out_dir / "runs" / f"{criterion}_seed{seed}")})
-    new.criterion.kwargs = kwargs
+    new = copy_config(cfg, criterion={"name": variant.criterion},
+                      train={"seed": seed, "out_dir": str(Path(out_dir) / "runs" / f"{variant.name}_seed{seed}")})
+    new.criterion.kwargs = {**kwargs, **variant.kwargs}
     return new
 
 
-def compare(cfg: Config, criteria: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
-            *, num_images: int = 4, resume: bool = False) -> dict[str, Any]:
-    """Train every (seed, criterion) pair from ``cfg`` and write the report; returns results.json's content.
-
-    resume: continue each run from its latest checkpoint (finished runs are not retrained), so an
-    interrupted comparison picks up where it stopped.
-    """
-    out = Path(out_dir)
-    if not criteria or not seeds:
-        raise ConfigError("compare needs at least one criterion and one seed")
-    if len(set(criteria)) != len(criteria):
-        raise ConfigError(f"criteria must be distinct, got {list(criteria)}")
-    configs = [run_config(cfg, name, seed, out) for seed in seeds for name in criteria]
-    for run_cfg in configs:
-        validate(run_cfg)  # fail on a bad name before hours of training, not after
-    runs = []
-    for run_cfg in configs:
-        result = train(run_cfg, resume=resume)
-        result["steps_to_90"] = steps_to_fraction(result["curve"])
-        for part in ("loss", "assign"):
-            if result.get(f"{part}_ms") is not None and result.get("step_ms"):
-                result[f"{part}_share"] = result[f"{part}_ms"] / result["step_ms"]
-        result["loss_curve"] = read_loss_curve(Path(run_cfg.train.out_dir) / "metrics.jsonl")
-        runs.append(result)
-    results = {"runs": runs, "summary": summarize_runs(runs, criteria)}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1))
-    (out / "report.md").write_text(report_markdown(results, cfg, criteria, seeds))
-    plot_curves(runs, criteria, out / "curves.png")
-    first_seed = [next(r for r in runs if r["criterion"] == c and r["seed"] == seeds[0]) for c in criteria]
-    plot_masks(first_seed, out / "masks.png", num_images=num_images)
-    return results
+# ----------------------------------------------------------------------------------- machine and console
 
 
-def read_loss_curve(path: Path) -> list[dict[str, float]]:
-    """(step, loss) of every logged training step of a run."""
+def num_cores() -> int:
+    """CPU cores this process may run on (the load average is compared with this)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class LoadMonitor:
+    """The machine's 1-minute load average, sampled at entry, every ``interval`` s (a daemon thread) and at exit."""
+
+    def __init__(self, interval: float = LOAD_INTERVAL, read: Callable[[], Sequence[float]] = os.getloadavg) -> None:
+        self.interval, self.read, self.samples = interval, read, []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        try:
+            self.samples.append(float(self.read()[0]))
+        except OSError:  # no load average on this platform
+            pass
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> LoadMonitor:
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, name="load-monitor", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+class _Console:
+    """stdout while a run trains: all of it goes to the run's console.log; the console gets all of it but
+    train's "resolved config:" dump (in the run folder as config.yaml and in console.log)."""
+
+    def __init__(self, console: Any, log: Any) -> None:
+        self.console, self.log, self._dropping = console, log, False
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        dump = text.startswith("resolved config:")
+        if dump or (self._dropping and text == "\n"):  # print() writes the text, then "\n"
+            self._dropping = dump
+            return len(text)
+        self._dropping = False
+        return self.console.write(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.console.flush()
+
+    def __getattr__(self, name: str) -> Any:  # isatty, encoding, ... as the real console
+        return getattr(self.console, name)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
+
+
+# ------------------------------------------------------------------------------------------- one run
+
+
+def _train_one(run_cfg: Config, resume: bool, load_interval: float) -> tuple[dict[str, Any], list[float]]:
+    """Train one run with its console output logged and the machine load sampled (kept in load.json)."""
+    run_dir = Path(run_cfg.train.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    load_file = run_dir / "load.json"
+    earlier = json.loads(load_file.read_text())["samples"] if resume and load_file.is_file() else []
+    with (run_dir / "console.log").open("a" if resume else "w") as log, LoadMonitor(load_interval) as load:
+        with redirect_stdout(_Console(sys.stdout, log)):
+            result = train(run_cfg, resume=resume)
+    samples = earlier + load.samples  # a resumed run: its earlier parts count too
+    load_file.write_text(json.dumps({"cores": num_cores(), "samples": samples}))
+    return result, samples
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
     lines = path.read_text().splitlines() if path.exists() else []
-    records = [json.loads(line) for line in lines]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def loss_curve(records: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+    """(step, loss) of every logged training step of a run."""
     return [{"step": r["step"], "loss": r["loss"]} for r in records if r.get("kind") == "train"]
 
 
-def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def median_times(records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """Median ms per step of step / loss / assign / data over the logged training steps after the first
+    TIMING_WARMUP (all of them when none is later): a median, so a burst of other work on the machine does
+    not move it the way it moves a mean."""
+    train_records = [r for r in records if r.get("kind") == "train"]
+    late = [r for r in train_records if r["step"] > TIMING_WARMUP] or train_records
+    out = {}
+    for key in ("step_ms", "loss_ms", "assign_ms", "data_ms"):
+        values = [r[key] for r in late if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+        out[key] = statistics.median(values) if values else None
+    return out
 
 
-def summarize_runs(runs: list[dict[str, Any]], criteria: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per criterion and table key: ``{"mean", "sd", "n"}`` over seeds."""
-    summary = {}
-    for name in criteria:
-        mine = [r for r in runs if r["criterion"] == name]
-        summary[name] = {}
-        for key, _, _ in TABLE:
-            mean, sd = _mean_sd([r.get(key) for r in mine])
-            summary[name][key] = {"mean": mean, "sd": sd, "n": len(mine)}
-    return summary
+def finish_run(result: dict[str, Any], variant: Variant, load: Sequence[float]) -> dict[str, Any]:
+    """compare's fields of one run: variant, median timings (train's means kept as ``*_mean``), shares, load."""
+    records = read_metrics(Path(result["run_dir"]) / "metrics.jsonl")
+    run = {**result, "criterion": variant.name, "loss": variant.criterion, "kwargs": variant.kwargs}
+    for key, median in median_times(records).items():
+        run[f"{key}_mean"] = result.get(key)
+        run[key] = median
+    run["steps_to_90"] = steps_to_fraction(result["curve"])
+    for part in ("loss", "assign"):
+        if run.get(f"{part}_ms") is not None and run.get("step_ms"):
+            run[f"{part}_share"] = run[f"{part}_ms"] / run["step_ms"]
+    run["loss_curve"] = loss_curve(records)
+    run["load_max"] = max(load) if load else None
+    run["load_median"] = statistics.median(load) if load else None
+    return run
 
 
-def report_markdown(results: dict[str, Any], cfg: Config, criteria: Sequence[str], seeds: Sequence[int]) -> str:
-    """The table of report.md (mean ± sd over seeds) and how the numbers were made."""
-    summary = results["summary"]
-    # columns the data has (images: AP75 and PQ; point clouds: AP25)
-    table = [col for col in TABLE if any(summary[name][col[0]]["mean"] is not None for name in criteria)]
-    head = "| criterion | " + " | ".join(title for _, title, _ in table) + " |"
-    rule = "|---" * (len(table) + 1) + "|"
-    rows = []
-    for name in criteria:
-        cells = []
-        for key, _, fmt in table:
-            s = summary[name][key]
-            if s["mean"] is None:
-                cells.append("–")
-            else:
-                cells.append(fmt.format(s["mean"]) + (f" ± {fmt.format(s['sd'])}" if len(seeds) > 1 else ""))
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    d, m, t = cfg.data, cfg.model, cfg.train
-    points = is_point_data(d)
-    data_line = (f"- data: {d.name}, {d.num_train or 'default'} train / {d.num_val or 'default'} val scenes, "
-                 f"{d.num_points or 'all'} points sampled per training scene, batch {d.batch_size} × accumulation "
-                 f"{t.grad_accum}" if points else
-                 f"- data: {d.name} (preset {d.preset}), {d.num_train or 'default'} train / {d.num_val or 'default'} "
-                 f"val images, batch {d.batch_size} × accumulation {t.grad_accum}")
-    ap_line = ("- AP / AP50 / AP25: ScanNet-protocol 3D instance AP on every point of the val scenes (AP over IoU "
-               "0.50:0.05:0.90; regions under 100 points not evaluated), Mask2Former instance inference without "
-               "NMS, top-100 per scene." if points else
-               "- AP / AP50 / AP75: COCO mask AP on the val split, Mask2Former instance inference without NMS, "
-               "top-100 per image.")
-    return "\n".join([
-        "# Criterion comparison", "",
-        f"Same model, data, data order and seed for every criterion; only the loss differs. "
-        f"Seeds: {', '.join(map(str, seeds))} (mean ± sd over seeds when more than one).", "",
-        head, rule, *rows, "",
-        "## Setup",
-        data_line,
-        f"- model: preset {m.preset}, overrides {m.overrides or 'none'}",
-        f"- optimiser: AdamW lr {cfg.optim.lr}, weight decay {cfg.optim.weight_decay}, "
-        f"{cfg.optim.warmup_steps} warm-up steps + {cfg.optim.schedule}, clip {cfg.optim.clip}; {t.steps} steps, "
-        f"eval every {t.eval_every}, amp {t.amp}, device {t.device}",
-        "",
-        "## Columns",
-        ap_line,
-        "- F1: predictions with score > 0.5 matched one-to-one at IoU ≥ 0.5 (same class); duplicates count as "
-        "false positives. dup. rate: ground-truth instances claimed by ≥ 2 such predictions.",
-        "- no-object queries: fraction of queries whose most likely class is \"no object\" (val mean).",
-        "- PQ: panoptic quality of Mask2Former's panoptic merge (things only), when the data has sem_seg.",
-        "- final loss: mean training loss over the last 50 steps (each criterion's own scale: not comparable "
-        "across criteria).",
-        "- loss ms/step: the criterion's forward (matching / transport plan included); ms/step: the whole "
-        "training step (data, forward, loss, backward, optimiser), mean after the first 5 steps; loss share: "
-        "loss ms / step ms. assign. ms/step: the assignment inside the loss — Hungarian: matching costs + "
-        "linear assignment; transport: the Sinkhorn plan (its pair terms are the loss itself); assign. share: "
-        "assign. ms / step ms, the part of the step a faster assignment can save.",
-        "- steps to 90% AP: first evaluated step reaching 90 % of the run's final AP.",
-        "- assign. change: fraction of instances of a fixed training batch whose owning query changed between "
-        "consecutive evaluations (mean over evaluations; lower = more stable).",
-        "",
-    ])
+# ------------------------------------------------------------------------------------- the comparison
+
+
+def compare(cfg: Config, criteria: Sequence[str | Variant], seeds: Sequence[int], out_dir: str | Path,
+            *, num_images: int = 4, resume: bool = False, seed_spread: SeedSpread | None = None,
+            load_interval: float = LOAD_INTERVAL) -> dict[str, Any]:
+    """Train every (seed, variant) pair from ``cfg`` and write the report; returns results.json's content.
+
+    criteria: registered criterion names and/or :class:`Variant` s, the first is the verdict's baseline.
+    resume: continue each run from its latest checkpoint (finished runs are not retrained), so an
+    interrupted comparison picks up where it stopped.
+    seed_spread: with one seed, a committed multi-seed AP spread for the verdict line to quote.
+    """
+    out = Path(out_dir)
+    variants = as_variants(criteria)
+    if not seeds:
+        raise ConfigError("compare needs at least one criterion and one seed")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be distinct, got {list(seeds)}")
+    plan = [(v, seed, run_config(cfg, v, seed, out)) for seed in seeds for v in variants]
+    for _, _, run_cfg in plan:  # fail on a bad name or keyword before hours of training, not after
+        validate(run_cfg)
+        build_criterion(run_cfg, 2)
+    sizes = split_sizes(cfg)
+    device = pick_device(cfg.train.device)
+    setup = setup_lines(cfg, variants, sizes, device)
+    print(f"compare: {len(variants)} criteria × {len(seeds)} seed(s) = {len(plan)} runs of {cfg.train.steps} steps",
+          *setup, f"- each run's full config and console output: {out / 'runs'}/<criterion>_seed<seed>/"
+          "config.yaml, console.log", sep="\n", flush=True)
+    runs = _train_all(plan, resume, load_interval)
+    names = [v.name for v in variants]
+    results = {"runs": runs, "summary": summarize_runs(runs, names),
+               "variants": [{"name": v.name, "criterion": v.criterion, "kwargs": v.kwargs} for v in variants],
+               "machine": {"cores": num_cores(), "threads": torch.get_num_threads(), "device": str(device)}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1))
+    points = is_point_data(cfg.data)
+    ap_doc = AP_DOC_3D if points else AP_DOC_2D
+    (out / "report.md").write_text(report_markdown(results, names, seeds, setup, ap_doc=ap_doc, cores=num_cores(),
+                                                   spread=seed_spread))
+    plot_curves(runs, names, out / "curves.png", title=curves_title(cfg, sizes, seeds),
+                ap_label="val 3D AP" if points else "val mask AP")
+    first_seed = [next(r for r in runs if r["criterion"] == n and r["seed"] == seeds[0]) for n in names]
+    draw_masks(first_seed, out / "masks.png", num_images=num_images)
+    return results
+
+
+def _train_all(plan: list[tuple[Variant, int, Config]], resume: bool, load_interval: float) -> list[dict[str, Any]]:
+    """Every run in order, with "run i/n: variant seed s" and an ETA from the seconds per step so far."""
+    starts = [max((s for s, _ in list_checkpoints(c.train.out_dir)), default=0) if resume else 0 for _, _, c in plan]
+    todo = [max(0, c.train.steps - start) for (_, _, c), start in zip(plan, starts)]
+    runs, spent, trained = [], 0.0, 0
+    for i, (variant, seed, run_cfg) in enumerate(plan):
+        eta = f"ETA {_duration(spent / trained * sum(todo[i:]))}" if trained else "ETA after this run"
+        print(f"run {i + 1}/{len(plan)}: {variant.name} seed {seed} ({_duration(spent)} so far, {eta})", flush=True)
+        t0 = time.perf_counter()
+        result, load = _train_one(run_cfg, resume, load_interval)
+        spent, trained = spent + time.perf_counter() - t0, trained + todo[i]
+        runs.append(finish_run(result, variant, load))
+    print(f"{len(plan)} runs done in {_duration(spent)}", flush=True)
+    return runs
 
 
 def _json_safe(obj: Any) -> Any:
@@ -185,78 +317,100 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-# --------------------------------------------------------------------------------------------- figures
+# ------------------------------------------------------------------------------------------- setup
 
 
-def _mean_series(runs: list[dict[str, Any]], curve_key: str, value_key: str) -> tuple[list[int], list[float]]:
-    """Mean over seeds of ``value_key`` at each step present in the runs' ``curve_key`` series."""
-    by_step: dict[int, list[float]] = {}
-    for run in runs:
-        for point in run.get(curve_key) or []:
-            value = point.get(value_key)
-            if value is not None and math.isfinite(value):
-                by_step.setdefault(point["step"], []).append(value)
-    steps = sorted(by_step)
-    return steps, [statistics.fmean(by_step[s]) for s in steps]
+AP_DOC_2D = ("- AP / AP50 / AP75: COCO mask AP on the val split, Mask2Former instance inference without NMS, "
+             "top-100 per image.")
+AP_DOC_3D = ("- AP / AP50 / AP25: ScanNet-protocol 3D instance AP on every point of the val scenes (AP over IoU "
+             "0.50:0.05:0.90; regions under 100 points not evaluated), Mask2Former instance inference without NMS, "
+             "top-100 per scene.")
 
 
-def plot_curves(runs: list[dict[str, Any]], criteria: Sequence[str], path: Path) -> None:
-    """curves.png: val AP and training loss against step, one line per criterion (mean over seeds)."""
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display backend needed
-
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    ax_ap, ax_loss = fig.subplots(1, 2)
-    for name in criteria:
-        mine = [r for r in runs if r["criterion"] == name]
-        ax_ap.plot(*_mean_series(mine, "curve", "AP"), marker="o", label=name)
-        ax_loss.plot(*_mean_series(mine, "loss_curve", "loss"), label=name)
-    ax_ap.set(xlabel="step", ylabel="val mask AP", title="AP vs step")
-    ax_loss.set(xlabel="step", ylabel="training loss (own scale per criterion)", title="loss vs step")
-    losses = [p["loss"] for r in runs for p in r.get("loss_curve") or []]
-    if losses and min(losses) > 0:  # the seed form's loss can be negative: log scale only when it fits
-        ax_loss.set_yscale("log")
-    for ax in (ax_ap, ax_loss):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.savefig(path, dpi=110)
+def _dataset_size(dataset: Any) -> tuple[int, int]:
+    """(items used, items in the split): a split truncated to its first N items is a Subset somewhere inside."""
+    inner = dataset
+    for _ in range(4):
+        if isinstance(inner, torch.utils.data.Subset):
+            return len(dataset), len(inner.dataset)
+        inner = getattr(inner, "dataset", None) or getattr(inner, "scenes", None)
+        if inner is None:
+            break
+    return len(dataset), len(dataset)
 
 
-def plot_masks(runs: list[dict[str, Any]], path: Path, *, num_images: int = 4) -> None:
-    """masks.png: rows = the first val images; columns = ground truth, then each run's predictions."""
-    from matplotlib.figure import Figure
+def split_sizes(cfg: Config) -> dict[str, tuple[int, int]]:
+    """``{"train": (used, of), "val": (used, of)}``: the item counts the runs will really use."""
+    return {split: _dataset_size(build_dataset(cfg.data, split)[0]) for split in ("train", "val")}
 
+
+def _count(sizes: dict[str, tuple[int, int]], split: str, unit: str) -> str:
+    used, total = sizes[split]
+    return f"{split} {used} of {total} {unit}" if used < total else f"{split} {used} {unit}"
+
+
+def data_line(cfg: Config, sizes: dict[str, tuple[int, int]]) -> str:
+    """What data the runs used, with counts (and "val 100 of 5000 images" when data.num_val truncates)."""
+    d, t = cfg.data, cfg.train
+    where = {"shapes2d": f"preset {d.preset}, data seed {d.seed}", "rooms3d": f"data seed {d.seed}, "
+             f"{d.points_per_room[0]}–{d.points_per_room[1]} points per room"}.get(d.name, f"root {d.root}")
+    batch = f"batch {d.batch_size} × accumulation {t.grad_accum}"
+    if is_point_data(d):
+        sampled = f"{d.num_points} points sampled per training scene" if d.num_points else "every point in training"
+        return (f"- data: {d.name} ({where}): {_count(sizes, 'train', 'scenes')}, {_count(sizes, 'val', 'scenes')}; "
+                f"{sampled}, every point at evaluation; {batch}")
+    size = f"images resized to {d.image_size}" if d.image_size else "native image size"
+    return (f"- data: {d.name} ({where}): {_count(sizes, 'train', 'images')}, {_count(sizes, 'val', 'images')}; "
+            f"{size}; {batch}")
+
+
+def setup_lines(cfg: Config, variants: Sequence[Variant], sizes: dict[str, tuple[int, int]],
+                device: torch.device) -> list[str]:
+    """The report's setup section (and the console's summary at the start)."""
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    shared = ", ".join(f"{k}={v}" for k, v in cfg.criterion.kwargs.items()) or "none"
+    return [
+        data_line(cfg, sizes),
+        f"- model: preset {m.preset}, overrides {m.overrides or 'none'}",
+        f"- criteria: {'; '.join(v.describe() for v in variants)}; config kwargs (each criterion keeps those it "
+        f"accepts): {shared}",
+        f"- optimiser: AdamW lr {o.lr}, weight decay {o.weight_decay}, {o.warmup_steps} warm-up steps + {o.schedule}, "
+        f"clip {o.clip}; {t.steps} steps, eval every {t.eval_every}, amp {t.amp}",
+        f"- machine: device {device} (train.device={t.device}), {torch.get_num_threads()} torch CPU threads, "
+        f"{num_cores()} cores",
+    ]
+
+
+def curves_title(cfg: Config, sizes: dict[str, tuple[int, int]], seeds: Sequence[int]) -> str:
+    d = cfg.data
+    what = f"{d.name} preset {d.preset}" if d.name == "shapes2d" else d.name
+    unit = "scenes" if is_point_data(d) else "images"
+    seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else \
+        f"seeds {', '.join(map(str, seeds))} (mean, band ± 1 sd over seeds)"
+    return (f"{what} ({sizes['train'][0]} train / {sizes['val'][0]} val {unit}), {cfg.train.steps} steps, "
+            f"{seeds_text}")
+
+
+# ------------------------------------------------------------------------------------------- masks.png
+
+
+def draw_masks(runs: list[dict[str, Any]], path: Path, *, num_images: int = 4) -> None:
+    """masks.png of one seed's runs: the first val images (scenes), ground truth then each variant's predictions."""
     models = [load_trained(r["checkpoint"]) for r in runs]
-    _, cfg, info, _ = models[0]
+    _, cfg, info, step = models[0]
     val_set, _ = build_dataset(cfg.data, "val")
     items = [val_set[i] for i in range(min(num_images, len(val_set)))]
+    names = [r["criterion"] for r in runs]
+    caption = (f"seed {runs[0]['seed']}, step {step}: ground truth, then each criterion's predictions with score > "
+               f"{SCORE_THRESHOLD} (no NMS)")
     if is_point_data(cfg.data):
-        _plot_point_masks([m for m, _, _, _ in models], [r["criterion"] for r in runs], items, path)
+        preds = [[predict_scene(model, item, score_threshold=SCORE_THRESHOLD) for item in items]
+                 for model, _, _, _ in models]
+        owners = [[point_owner(p["masks"], p["scores"]) for p in mine] for mine in preds]
+        plot_point_masks(items, names, owners, draw_point_instances, path,
+                         caption=caption + "; top-down view, one colour per instance")
         return
-    preds = [predict_instances(model, [it["image"] for it in items]) for model, _, _, _ in models]
-    fig = Figure(figsize=(2.6 * (1 + len(runs)), 2.6 * len(items)), layout="constrained")
-    axes = fig.subplots(len(items), 1 + len(runs), squeeze=False)
-    for row, item in enumerate(items):
-        gt = {"masks": item["masks"], "labels": item["labels"], "scores": None}
-        draw_instances(axes[row][0], item["image"], gt, info.class_names, title="ground truth" if row == 0 else None)
-        for col, run in enumerate(runs):
-            title = run["criterion"] if row == 0 else None
-            draw_instances(axes[row][col + 1], item["image"], preds[col][row], info.class_names, title=title)
-    fig.savefig(path, dpi=110)
-
-
-def _plot_point_masks(models: list[Any], names: list[str], items: list[dict], path: Path) -> None:
-    """masks.png for point clouds: top-down views; ground-truth instances, then each run's predictions."""
-    from matplotlib.figure import Figure
-
-    from .points import draw_point_instances, point_owner, predict_scene
-
-    fig = Figure(figsize=(3.2 * (1 + len(models)), 3.2 * len(items)), layout="constrained")
-    axes = fig.subplots(len(items), 1 + len(models), squeeze=False)
-    for row, item in enumerate(items):
-        draw_point_instances(axes[row][0], item["coords"], item["instance_labels"].long().clamp(min=-1),
-                             title="ground truth" if row == 0 else None)
-        for col, (model, name) in enumerate(zip(models, names)):
-            pred = predict_scene(model, item)
-            draw_point_instances(axes[row][col + 1], item["coords"], point_owner(pred["masks"], pred["scores"]),
-                                 title=name if row == 0 else None)
-    fig.savefig(path, dpi=110)
+    preds = [predict_instances(model, [it["image"] for it in items], score_threshold=SCORE_THRESHOLD)
+             for model, _, _, _ in models]
+    plot_masks(items, names, preds, info.class_names, draw_instances, path,
+               caption=caption + "; label: class and score")
