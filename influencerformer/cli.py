@@ -58,8 +58,11 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--out", metavar="DIR", default=None,
                    help="run directory for config.yaml, metrics.jsonl, checkpoints/ (train.out_dir)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in the run directory; without --config the run's "
-                        "saved config.yaml is used")
+                   help="continue from the newest intact checkpoint in the run directory; without --config the "
+                        "run's saved config.yaml is used (or, when it is missing, the config inside the checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, and without --resume, train refuses); the "
+                        "earlier run's files are kept aside until the new run writes its first checkpoint")
     p.add_argument("--stop-at", type=int, metavar="STEP", default=None,
                    help="stop after STEP with a checkpoint, as if killed (the schedule still spans --steps)")
 
@@ -133,7 +136,8 @@ def _compare_parser(sub: Any) -> None:
 def _bench_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="loss speed benchmark (benchmarks/loss_speed.py)", formatter_class=_Formatter,
                        description="Runs benchmarks/loss_speed.py with the remaining arguments; "
-                                   "see `influencerformer bench -- --help` for its options.")
+                                   "see `influencerformer bench -- --help` for its options. "
+                                   "Example: influencerformer bench -- --quick")
     p.add_argument("args", nargs=argparse.REMAINDER, default=[],
                    help="arguments passed to benchmarks/loss_speed.py (after an optional --)")
 
@@ -171,28 +175,81 @@ def cmd_train(args: argparse.Namespace) -> int:
     from influencerformer.engine.config import load_config
     from influencerformer.engine.train import train
 
-    config = args.config
-    if args.resume and config is None and args.out and (Path(args.out) / "config.yaml").is_file():
-        config = Path(args.out) / "config.yaml"  # a resumed run continues with the config it started with
     if args.stop_at is not None and args.stop_at < 1:
         raise ConfigError(f"--stop-at must be ≥ 1, got {args.stop_at}")
-    cfg = load_config(config, _overrides(args))
-    result = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    config, stored = args.config, None
+    if args.resume and config is None:  # a resumed run continues with the config it started with
+        config, stored = _resumed_config(args)
+    cfg = load_config(config, _overrides(args), stored=stored)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, stop_at=args.stop_at)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary (rank 0 holds the evaluation)
-        print(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=1))
+        from influencerformer.engine.evaluate import json_safe
+
+        print(json.dumps(json_safe({k: v for k, v in result.items() if k != "curve"}), indent=1, allow_nan=False))
     return 0
+
+
+def check_output_file(path: str | Path) -> None:
+    """ConfigError (one line) unless a file can be written at ``path``: not a folder, no file on its way,
+    its first existing folder writable. Checked before the work whose result it will hold."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"output {path} is a folder; give a file name, e.g. {path / 'metrics.json'}")
+    for folder in path.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"output {path}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ConfigError(f"output {path}: {folder} is not writable")
+            return
+
+
+def check_output_folder(path: str | Path) -> None:
+    """ConfigError (one line) unless ``path`` is or can become a writable folder."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"output folder {path}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ConfigError(f"output folder {path}: {folder} is not writable")
+            return
+
+
+def _resumed_config(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
+    """(config file, stored config) of the run --resume continues: its config.yaml, else the config inside
+    its newest intact checkpoint, else neither (the defaults and options start it from scratch)."""
+    from influencerformer.engine.checkpoint import list_checkpoints, load_latest
+    from influencerformer.engine.config import TrainConfig, parse_override
+
+    out_dirs = [value for path, value in map(parse_override, args.overrides) if path == "train.out_dir"]
+    run_dir = Path(out_dirs[-1] if out_dirs else args.out or TrainConfig().out_dir)
+    if (run_dir / "config.yaml").is_file():
+        return run_dir / "config.yaml", None
+    if not list_checkpoints(run_dir):
+        return None, None
+    warn = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    path, state = load_latest(run_dir, require=("config",), warn=warn)
+    print(f"{run_dir / 'config.yaml'} is missing: resuming with the config stored in {path}", file=sys.stderr)
+    return None, state["config"]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from influencerformer.engine.checkpoint import resolve_checkpoint
     from influencerformer.engine.evaluate import evaluate_checkpoint
 
+    if args.num_images is not None and args.num_images < 1:
+        raise ConfigError(f"--num-images must be ≥ 1, got {args.num_images}")
+    run_dir = resolve_checkpoint(args.checkpoint).parent.parent
+    if args.output:
+        check_output_file(args.output)  # before the evaluation, not after it
+    else:
+        check_output_file(run_dir / "eval.json")
     extra = [f"data.num_val={args.num_images}"] if args.num_images is not None else []
     metrics = evaluate_checkpoint(args.checkpoint, _data_overrides(args, *extra), device=args.device)
-    ckpt_path = resolve_checkpoint(args.checkpoint)
-    output = Path(args.output) if args.output else ckpt_path.parent.parent / f"eval_step{metrics['step']}.json"
+    output = Path(args.output) if args.output else run_dir / f"eval_step{metrics['step']}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(metrics, indent=1))
+    output.write_text(json.dumps(metrics, indent=1, allow_nan=False))
     print(json.dumps(metrics, indent=1))
     print(f"wrote {output}", file=sys.stderr)
     return 0
@@ -209,6 +266,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     ckpt_path = resolve_checkpoint(args.checkpoint)
     if args.num_images < 1:
         raise ConfigError(f"--num-images must be ≥ 1, got {args.num_images}")
+    check_output_folder(args.out or ckpt_path.parent.parent / "predictions")
     model, cfg, info, _ = load_trained(ckpt_path, pick_device(args.device), _data_overrides(args))
     if is_point_data(cfg.data):
         raise ConfigError(f"predict draws image overlays; {cfg.data.name} is a point-cloud run: use "
@@ -268,16 +326,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     spec = importlib.util.spec_from_file_location("influencerformer_loss_speed", BENCH_SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.PROG = "influencerformer bench --"  # its --help names this command, not the top-level program
     argv = args.args[1:] if args.args[:1] == ["--"] else args.args
     try:
-        return int(module.main(argv) or 0)
+        module.main(argv)  # returns the measured rows, not a status: having printed the table is success
     except SystemExit as exc:  # the script's own argparse (--help, bad usage)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return 0
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
             "bench": cmd_bench}
 COMMANDS.update(DATA_COMMANDS)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of a user error on one line (OSError: "<file>: <reason>" when it names a file)."""
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -291,8 +360,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"influencerformer {args.command}: error: {exc}", file=sys.stderr)
+    except (ConfigError, OSError) as exc:  # bad input: config, data, paths, files (PIL's image errors included)
+        print(f"influencerformer {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
         print(f"influencerformer {args.command}: training stopped: {exc}", file=sys.stderr)

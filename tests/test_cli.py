@@ -143,3 +143,90 @@ def test_download_and_prepare_are_wired_into_the_cli(tmp_path, capsys):
     assert code != 0
     assert "Traceback" not in err and err.strip()
     assert main(["prepare", "scannet", "--root", str(tmp_path / "missing")]) != 0
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+def test_train_refuses_an_earlier_run_resumes_without_config_yaml_and_overwrites(tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train", "--out", str(run), "--device", "cpu", *SETS, "--set", "train.progress=false"]
+    assert cli.main([*base, "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "--steps", "2"]) == 2
+    line = _one_error_line(capsys)
+    assert "already holds a run" in line and "--resume" in line and "--overwrite" in line
+    (run / "config.yaml").unlink()  # lost: the checkpoint's own config continues the run
+    assert cli.main(["train", "--resume", "--out", str(run), "--steps", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "config stored in" in captured.err and "resumed from" in captured.out
+    summary = json.loads(captured.out[captured.out.rindex("\n{\n"):])
+    assert summary["steps"] == 3
+    from influencerformer.engine.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run)["config"]["model"]["overrides"]["num_queries"] == 6  # not the defaults' 100
+    assert cli.main([*base, "--steps", "1", "--overwrite"]) == 0
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 1
+
+
+def test_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), "--device", "cpu", "--steps", "1", *SETS]) == 0
+    (run / "checkpoints" / "step_0000001.pt").write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    for argv in (["evaluate", str(run)], ["train", "--resume", "--out", str(run), "--steps", "2"],
+                 ["predict", str(run)]):
+        assert cli.main(argv) == 2, argv
+        line = _one_error_line(capsys)
+        assert "step_0000001.pt" in line and "damaged" in line, line
+
+
+def test_output_paths_are_checked_before_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        assert cli.main(["train", "--out", str(out), "--steps", "1", *SETS]) == 2
+        assert "is not a folder" in _one_error_line(capsys)
+
+
+def test_evaluate_checks_its_arguments_before_work_and_names_changed_model_fields(tmp_path, capsys, monkeypatch):
+    from influencerformer.engine import evaluate as evaluate_module
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), "--device", "cpu", "--steps", "1", *SETS]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(evaluate_module, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated anyway"))
+    (tmp_path / "file").write_text("x")
+    cases = [(["--output", str(tmp_path)], "is a folder"), (["--output", str(tmp_path / "file" / "m.json")],
+                                                             "is a file, not a folder"),
+             (["--num-images", "-1"], "--num-images must be ≥ 1, got -1")]
+    for extra, words in cases:
+        assert cli.main(["evaluate", str(run), *extra]) == 2
+        assert words in _one_error_line(capsys)
+    monkeypatch.undo()
+    assert cli.main(["evaluate", str(run), "--set", "model.num_queries=7", "--device", "cpu"]) == 2
+    line = _one_error_line(capsys)
+    assert "model.num_queries: 6 in the checkpoint, 7 now" in line and "step_0000001.pt" in line
+    assert cli.main(["predict", str(run), "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in _one_error_line(capsys)
+
+
+def test_evaluate_writes_null_with_a_reason_for_undefined_ap(tmp_path, capsys, monkeypatch):
+    from influencerformer.engine import evaluate as evaluate_module
+
+    run = tmp_path / "run"
+    assert cli.main(["train", "--out", str(run), "--device", "cpu", "--steps", "1", *SETS]) == 0
+    real = evaluate_module.Evaluator.__call__
+
+    def no_ground_truth(self, model, device="cpu"):  # what COCOeval gives for a split without instances
+        return {**real(self, model, device), "AP": float("nan"), "AP50": float("nan")}
+
+    monkeypatch.setattr(evaluate_module.Evaluator, "__call__", no_ground_truth)
+    out = tmp_path / "m.json"
+    assert cli.main(["evaluate", str(run), "--output", str(out), "--device", "cpu"]) == 0
+    metrics = json.loads(out.read_text())  # strict JSON: NaN would not parse in most readers
+    assert metrics["AP"] is None and metrics["AP50"] is None and 0 <= metrics["AP75"] <= 1
+    assert "no ground-truth instance" in metrics["undefined"]["AP"]
+    assert "NaN" not in out.read_text()

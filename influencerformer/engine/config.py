@@ -19,6 +19,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from ..data.synthetic import SHAPES_PRESETS
+
 
 class ConfigError(ValueError):
     """Bad user input in a config file, an override or a CLI option (reported without a traceback)."""
@@ -41,7 +43,7 @@ POINT_DEFAULTS: dict[str, dict[str, Any]] = {
 @dataclass
 class DataConfig:
     name: str = "shapes2d"  # images: shapes2d | coco; point clouds: rooms3d | s3dis | scannet
-    preset: str = "medium"  # Shapes2D preset: default | medium | crowded (shapes2d only)
+    preset: str = "medium"  # Shapes2D preset: default | medium | crowded | dense (shapes2d only)
     root: str | None = None  # data root, required for coco, s3dis (raw Area_N/ or mmdet3d layout), scannet
     num_train: int | None = None  # training images / scenes (None = the preset's / the dataset's size)
     num_val: int | None = 100  # validation images / scenes used for evaluation (None = all)
@@ -119,7 +121,7 @@ POINT_DATASETS = ("rooms3d", "s3dis", "scannet")
 
 CHOICES = {
     ("data", "name"): IMAGE_DATASETS + POINT_DATASETS,
-    ("data", "preset"): ("default", "medium", "crowded"),
+    ("data", "preset"): tuple(SHAPES_PRESETS),
     ("optim", "schedule"): ("cosine", "poly", "constant"),
     ("train", "amp"): ("none", "bf16", "fp16"),
 }
@@ -223,7 +225,7 @@ def _set_open_key(cfg: Config, section: str, key: str, value: Any, criteria: Seq
     target[key] = value
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
     """``section.key=value`` → (``section.key``, value parsed as a YAML scalar)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -238,7 +240,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def apply_override(cfg: Config, item: str, criteria: Sequence[str] | None = None) -> None:
     """Apply one ``section.key=value`` override in place (value parsed as a YAML scalar); ``criteria``: see
     :func:`load_config`."""
-    path, value = _parse_override(item)
+    path, value = parse_override(item)
     parts = path.split(".")
     sections = [f.name for f in fields(Config)]
     if parts[0] not in sections or len(parts) < 2:
@@ -287,12 +289,13 @@ def from_dict(data: dict[str, Any] | None, criteria: Sequence[str] | None = None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                criteria: Sequence[str] | None = None) -> Config:
+                criteria: Sequence[str] | None = None, *, stored: dict[str, Any] | None = None) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None) and apply ``section.key=value`` overrides.
 
     criteria: the criteria a comparison will train; a ``criterion.<kwarg>`` is valid when any of them
-    accepts it (each run keeps the kwargs its criterion accepts). None: the config's criterion decides."""
-    data = None
+    accepts it (each run keeps the kwargs its criterion accepts). None: the config's criterion decides.
+    stored: a config as a dict (a checkpoint's ``config``) to start from instead of a file."""
+    data = copy.deepcopy(stored)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -301,7 +304,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"cannot parse {path}: {exc}") from None
-    if path is None and _overridden_data_name(overrides) in POINT_DATASETS:
+    if path is None and stored is None and _overridden_data_name(overrides) in POINT_DATASETS:
         data = copy.deepcopy(POINT_DEFAULTS)  # the config must not share its lists with the defaults
     cfg = from_dict(data, criteria)
     for item in overrides:
@@ -312,7 +315,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def _overridden_data_name(overrides: Sequence[str]) -> str | None:
     """The last ``data.name=...`` among the overrides (the dataset decides the defaults), else None."""
-    names = [value for path, value in map(_parse_override, overrides) if path == "data.name"]
+    names = [value for path, value in map(parse_override, overrides) if path == "data.name"]
     return names[-1] if names else None
 
 

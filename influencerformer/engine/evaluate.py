@@ -7,6 +7,7 @@ exactly as they would in deployment — the thing a matching-free loss must get 
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +29,7 @@ from influencerformer.metrics import (
 )
 from influencerformer.models import instance_inference, panoptic_inference
 
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import MODEL_KEYS, load_latest
 from .config import (Config, ConfigError, DatasetInfo, apply_override, build_dataset, build_model, from_dict,
                      is_point_data)
 from .distributed import pick_device
@@ -204,21 +205,46 @@ class AssignmentProbe:
 def load_trained(path: str | Path, device: str | torch.device = "cpu",
                  overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, Config, DatasetInfo, int]:
     """(model in eval mode, its config with ``overrides`` applied, class info, step) from a checkpoint
-    file or the latest checkpoint of a run directory."""
-    state = load_checkpoint(path, map_location="cpu")
+    file or the newest intact checkpoint of a run directory."""
+    model, cfg, info, step, _ = _load_trained(path, device, overrides)
+    return model, cfg, info, step
+
+
+def _load_trained(path: str | Path, device: str | torch.device,
+                  overrides: Sequence[str]) -> tuple[torch.nn.Module, Config, DatasetInfo, int, Path]:
+    warn = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    file, state = load_latest(path, map_location="cpu", require=MODEL_KEYS, warn=warn)
     cfg = from_dict(state["config"])
     for item in overrides:
         apply_override(cfg, item)
     info = DatasetInfo(**state["dataset"])
     model = build_model(cfg, info.num_classes)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, info, int(state["step"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ConfigError(_mismatch(file, state["config"], cfg, exc)) from None
+    return model.to(device).eval(), cfg, info, int(state["step"]), file
+
+
+def _mismatch(file: Path, stored: dict[str, Any], cfg: Config, exc: RuntimeError) -> str:
+    """One line: the checkpoint's weights do not fit the model its (overridden) config builds, and why."""
+    def fields(section: dict[str, Any]) -> dict[str, Any]:
+        return {"preset": section.get("preset"), **section.get("overrides", {})}
+
+    old, new = fields(stored["model"]), fields(cfg.to_dict()["model"])
+    changed = [f"model.{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        return (f"the weights in {file} do not fit the model of the changed config ({'; '.join(changed)}): the "
+                "model is the checkpoint's, drop those --set overrides")
+    detail = " ".join(str(exc).split())[:200]
+    return f"the weights in {file} do not fit its own config (damaged checkpoint?): {detail}"
 
 
 def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), device: str = "auto") -> dict[str, Any]:
     """Val metrics of a trained checkpoint (``overrides`` may change ``data.*``, e.g. the root or num_val)."""
     dev = pick_device(device)
-    model, cfg, info, step = load_trained(path, dev, overrides)
+    model, cfg, info, step, file = _load_trained(path, dev, overrides)
     val_set, val_info = build_dataset(cfg.data, "val")
     if val_info.class_names != info.class_names:
         raise ConfigError(f"the val data's classes {val_info.class_names} differ from the model's {info.class_names}")
@@ -228,7 +254,24 @@ def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), device:
         evaluator = PointEvaluator(val_set, info, topk=cfg.train.eval_topk)
     else:
         evaluator = Evaluator(val_set, info, batch_size=cfg.data.batch_size, topk=cfg.train.eval_topk)
-    return {"checkpoint": str(resolve_checkpoint(path)), "step": step, **evaluator(model, dev)}
+    return json_safe({"checkpoint": str(file), "step": step, **evaluator(model, dev)})
+
+
+UNDEFINED = "no ground-truth instance in the evaluated split (or in any IoU range): undefined, not 0"
+
+
+def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` valid as strict JSON: a NaN metric (AP with no ground truth) becomes null, and
+    ``"undefined": {name: reason}`` says why (json.dumps would write ``NaN``, which JSON does not have)."""
+    out, undefined = {}, {}
+    for key, value in metrics.items():
+        if isinstance(value, float) and not np.isfinite(value):
+            out[key], undefined[key] = None, UNDEFINED
+        else:
+            out[key] = value
+    if undefined:
+        out["undefined"] = {**out.get("undefined", {}), **undefined}
+    return out
 
 
 @torch.no_grad()

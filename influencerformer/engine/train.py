@@ -12,7 +12,9 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
+import shutil
 import sys
 import time
 from collections import deque
@@ -32,14 +34,24 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import (Config, ConfigError, DatasetInfo, build_criterion, build_dataset, build_model, is_point_data,
                      validate)
-from .evaluate import AssignmentProbe, Evaluator, make_collate, model_inputs, unwrap
+from .evaluate import AssignmentProbe, Evaluator, json_safe, make_collate, model_inputs, unwrap
 from .points import PointEvaluator, make_point_collate
 
 FINAL_LOSS_WINDOW = 50  # "final loss" = mean over the last steps, less noisy than one batch
+# Optimiser steps skipped for non-finite gradients in a row before the run stops. fp16's grad scaler starts at
+# 2**16 and halves on every overflow, so its first steps may overflow many times in a row by design.
+MAX_NONFINITE_STEPS = 5
+MAX_NONFINITE_STEPS_FP16 = 25
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")  # what a run writes in its folder
+REPLACED_PREFIX = ".replaced-"  # an overwritten run's files wait here until the new run's first checkpoint
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss (or the model output it is computed from) became NaN/Inf; training stops at once."""
+    """The loss, the model output, the gradients or the weights became NaN/Inf; training stops."""
+
+
+class RunExistsError(ConfigError):
+    """The run folder holds an earlier run and neither --resume nor --overwrite was given."""
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -143,10 +155,12 @@ def autocast_context(amp: str, device: torch.device) -> contextlib.AbstractConte
 
 
 def nonfinite_outputs(outputs: dict[str, Any]) -> list[str]:
-    """Names of model outputs holding NaN/Inf (``pred_masks``, ``aux_outputs[2].pred_logits``, ...)."""
+    """Names of model outputs holding NaN/Inf (``pred_masks``, ``aux_outputs[2].pred_logits``, ...); one host sync."""
     layers = [("", outputs)] + [(f"aux_outputs[{i}].", a) for i, a in enumerate(outputs.get("aux_outputs") or [])]
-    return [f"{prefix}{k}" for prefix, layer in layers for k in ("pred_logits", "pred_masks")
-            if k in layer and not torch.isfinite(layer[k]).all()]
+    named = [(f"{prefix}{k}", layer[k]) for prefix, layer in layers for k in ("pred_logits", "pred_masks")
+             if isinstance(layer.get(k), torch.Tensor)]
+    ok = torch.stack([_finite(t.detach()) for _, t in named]).tolist() if named else []
+    return [name for (name, _), good in zip(named, ok) if not good]
 
 
 def sync(device: torch.device) -> None:
@@ -164,11 +178,12 @@ class RunLogger:
             return
         self.dir = Path(cfg.train.out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "config.yaml").write_text(cfg.to_yaml())
+        _atomic_write_text(self.dir / "config.yaml", cfg.to_yaml())
         self.path = self.dir / "metrics.jsonl"
-        # A resumed run drops what was logged after its checkpoint: the replay logs those steps again.
-        kept = [line for line in self._lines() if json.loads(line)["step"] <= start_step] if start_step else []
-        self.path.write_text("".join(kept))
+        # A resumed run drops what was logged after its checkpoint (the replay logs those steps again) and a
+        # line cut by a kill; rewritten atomically, so a kill now leaves the old file, never half of it.
+        kept = [line for line in self._records() if line[1] <= start_step] if start_step else []
+        _atomic_write_text(self.path, "".join(text for text, _ in kept))
         if cfg.train.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -176,14 +191,26 @@ class RunLogger:
                 raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)")
             self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
-    def _lines(self) -> list[str]:
-        return self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+    def _records(self) -> list[tuple[str, int]]:
+        """(line, step) of every complete, parseable line of metrics.jsonl."""
+        lines = self.path.read_text(errors="replace").splitlines(keepends=True) if self.path.exists() else []
+        kept = []
+        for line in lines:
+            try:
+                kept.append((line if line.endswith("\n") else line + "\n", int(json.loads(line)["step"])))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a kill (or edited by hand): not a record
+        return kept
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        # one append of a whole line: a kill leaves every earlier line intact (O_APPEND, one write call)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(json_safe(record), allow_nan=False) + "\n").encode())
+        finally:
+            os.close(fd)
         if self.tb is not None:
             prefix = record.get("kind", "train")
             for key, value in record.items():
@@ -193,6 +220,16 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 @dataclass
@@ -216,6 +253,9 @@ class Run:
     times: dict[str, list[float]] = field(default_factory=lambda: {"step": [], "loss": [], "assign": [], "data": []})
     logger: RunLogger | None = None
     checkpoint: str | None = None  # the latest checkpoint written (rank 0)
+    skipped_steps: int = 0  # optimiser steps skipped for non-finite gradients, in all
+    nonfinite_in_a_row: int = 0  # ... and how many of the latest steps in a row
+    replaced: list[Path] = field(default_factory=list)  # an overwritten run's files, deleted at the first save
 
     @property
     def device(self) -> torch.device:
@@ -266,7 +306,32 @@ def _gather_rng(run: Run) -> list[dict[str, Any]]:
     return gathered
 
 
+@torch.no_grad()
+def _finite(t: torch.Tensor) -> torch.Tensor:
+    """0-dim bool: no NaN/Inf in ``t`` (min/max propagate both: one reduction, no full-size mask)."""
+    if t.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+def _check_weights(run: Run, before: str) -> None:
+    """Stop (NonFiniteLossError) if a weight is NaN/Inf: such a state must never be evaluated or saved.
+    One host sync for all tensors; every rank holds the same weights, so every rank stops together."""
+    state = unwrap(run.model).state_dict()
+    floats = [(name, t) for name, t in state.items() if t.is_floating_point()]
+    ok = torch.stack([_finite(t) for _, t in floats]).tolist() if floats else []
+    bad = [name for (name, _), good in zip(floats, ok) if not good]
+    if bad:
+        kept = f"the latest checkpoint, {run.checkpoint}, holds the last finite weights" if run.checkpoint else \
+            "no checkpoint was written"
+        raise NonFiniteLossError(f"non-finite weights after step {run.step} ({', '.join(bad[:3])}"
+                                 f"{', ...' if len(bad) > 3 else ''}); not {before}: {kept}. Lower optim.lr "
+                                 "or set optim.clip")
+
+
 def _save(run: Run) -> None:
+    _check_weights(run, "saved")
     rng = _gather_rng(run)  # collective: every rank takes part, rank 0 writes
     if run.dist.is_main:
         state = {
@@ -279,16 +344,38 @@ def _save(run: Run) -> None:
             "config": run.cfg.to_dict(),
             "dataset": dataclasses.asdict(run.data_info),  # class names/ids: evaluate and predict need no data
             "history": {"curve": run.curve, "recent": list(run.recent), "times": run.times,
-                        "probe": run.probe.previous if run.probe else None},
+                        "probe": run.probe.previous if run.probe else None,
+                        "skipped_steps": run.skipped_steps, "nonfinite_in_a_row": run.nonfinite_in_a_row},
         }
         path = ckpt.save_checkpoint(run.cfg.train.out_dir, run.step, state, keep=run.cfg.train.keep_checkpoints)
         run.checkpoint = str(path)
+        for folder in run.replaced:  # the new run has a checkpoint now: the overwritten run may go
+            shutil.rmtree(folder, ignore_errors=True)
+        run.replaced = []
     distributed.barrier()
 
 
-def _restore(run: Run, path: Path) -> None:
+def _latest_intact(run: Run) -> tuple[Path, dict[str, Any]] | None:
+    """(path, state) of the newest intact checkpoint of the run dir, None when it has none.
+
+    Damaged newer files are named on stderr and renamed ``*.damaged`` (kept, but no longer "latest": the
+    resumed run's own checkpoints would otherwise be rotated away behind them)."""
+    run_dir = run.cfg.train.out_dir
+    if not ckpt.list_checkpoints(run_dir):
+        return None
+    warn = (lambda line: print(line, file=sys.stderr, flush=True)) if run.dist.is_main else None
+    path, state = ckpt.load_latest(run_dir, map_location=run.device, require=ckpt.TRAINING_KEYS, warn=warn)
+    if run.dist.is_main:
+        for step, file in ckpt.list_checkpoints(run_dir):
+            if step > state["step"]:
+                file.rename(file.with_name(file.name + ".damaged"))
+                print(f"renamed the damaged {file.name} to {file.name}.damaged", file=sys.stderr, flush=True)
+    distributed.barrier()
+    return path, state
+
+
+def _restore(run: Run, path: Path, state: dict[str, Any]) -> None:
     """Continue exactly where the checkpoint left off: weights, optimiser, schedule, data position, RNG."""
-    state = ckpt.load_checkpoint(path, map_location=run.device)
     changed = _config_changes(state["config"], run.cfg.to_dict())
     if changed and run.dist.is_main:
         print(f"warning: resuming {path} with a changed config: {', '.join(changed)}", file=sys.stderr)
@@ -303,6 +390,8 @@ def _restore(run: Run, path: Path) -> None:
     run.step, run.curve, run.times = state["step"], history["curve"], history["times"]
     run.checkpoint = str(path)
     run.recent.extend(history["recent"])
+    run.skipped_steps = history.get("skipped_steps", 0)
+    run.nonfinite_in_a_row = history.get("nonfinite_in_a_row", 0)
     if run.probe is not None:
         run.probe.previous = history["probe"]
 
@@ -317,7 +406,14 @@ def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _losses(run: Run, outputs: dict[str, Any], targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The criterion's terms; a NaN model output (which criteria reject) is reported as non-finite."""
+    """The criterion's terms; a NaN model output (which criteria reject) is reported as non-finite.
+
+    On CUDA the criteria check values with device-side asserts (no host sync), which would end the process
+    with a CUDA error: the outputs are checked here first, at the step's existing sync point."""
+    if run.device.type == "cuda":
+        bad = nonfinite_outputs(outputs)
+        if bad:
+            raise NonFiniteLossError(f"non-finite model output at step {run.step + 1}: {', '.join(bad)}")
     try:
         return run.criterion(outputs, targets)
     except ValueError:
@@ -369,20 +465,46 @@ def _accumulate(run: Run, batches: Iterator[dict[str, Any]]) -> tuple[dict[str, 
     return totals, seconds
 
 
-def _optimizer_step(run: Run) -> torch.Tensor | None:
-    """Unscale (fp16), clip, step, schedule; returns the pre-clip gradient norm."""
+def _optimizer_step(run: Run) -> torch.Tensor:
+    """Unscale (fp16), clip, step, schedule; returns the pre-clip gradient norm.
+
+    Non-finite gradients are never applied: the step is skipped (as AMP's grad scaler does), counted and
+    named on stderr, and after MAX_NONFINITE_STEPS in a row the run stops. The schedule advances either way,
+    so the lr stays a function of the step."""
     run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the loss-scaled ones
-    norm = None
-    if run.cfg.optim.clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.optim.clip)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    params = [p for p in run.model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    finite = bool(torch.isfinite(norm))  # a CPU-GPU sync point, once per step (DDP: same grads on every rank)
+    if finite and run.cfg.optim.clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, run.cfg.optim.clip, norm)
+    if finite or run.scaler.is_enabled():
+        run.scaler.step(run.optimizer)  # fp16: the scaler itself skips a non-finite step and lowers its scale
+        run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
+    _count_nonfinite(run, finite, norm)
     return norm
 
 
-def _record(run: Run, losses: dict[str, torch.Tensor], norm: torch.Tensor | None, times: dict[str, float]) -> float:
+def _count_nonfinite(run: Run, finite: bool, norm: torch.Tensor) -> None:
+    if finite:
+        run.nonfinite_in_a_row = 0
+        return
+    run.skipped_steps += 1
+    run.nonfinite_in_a_row += 1
+    limit = MAX_NONFINITE_STEPS_FP16 if run.scaler.is_enabled() else MAX_NONFINITE_STEPS
+    step = run.step + 1
+    if run.dist.is_main and not run.scaler.is_enabled():
+        tqdm.write(f"warning: step {step}: non-finite gradients (norm {float(norm)}); optimiser step skipped "
+                   f"({run.nonfinite_in_a_row} in a row, {run.skipped_steps} in all)", file=sys.stderr)
+    if run.nonfinite_in_a_row >= limit:
+        kept = f"the latest checkpoint, {run.checkpoint}, is intact" if run.checkpoint else "no checkpoint was written"
+        raise NonFiniteLossError(f"non-finite gradients in {run.nonfinite_in_a_row} steps in a row (steps "
+                                 f"{step - run.nonfinite_in_a_row + 1}-{step}), none applied; {kept}. Lower "
+                                 "optim.lr or set optim.clip")
+
+
+def _record(run: Run, losses: dict[str, torch.Tensor], norm: torch.Tensor, times: dict[str, float]) -> float:
     """Keep timings and the recent losses; every ``log_every`` steps write all terms to metrics.jsonl."""
     loss = float(losses["loss"])
     run.recent.append(loss)
@@ -393,7 +515,8 @@ def _record(run: Run, losses: dict[str, torch.Tensor], norm: torch.Tensor | None
         terms = {k: float(v) for k, v in losses.items() if k != "loss"}
         weighted = {f"weighted/{k}": weights.get(k, weights.get(base_name(k), 0.0)) * v for k, v in terms.items()}
         record = {"kind": "train", "step": run.step, "loss": loss, "lr": run.scheduler.get_last_lr()[0],
-                  "grad_norm": None if norm is None else float(norm),
+                  "grad_norm": float(norm) if math.isfinite(float(norm)) else None,
+                  "skipped_steps": run.skipped_steps,
                   **{f"{k}_ms": 1000 * v for k, v in times.items()}, **terms, **weighted}
         run.logger.write(record)
     return loss
@@ -401,6 +524,7 @@ def _record(run: Run, losses: dict[str, torch.Tensor], norm: torch.Tensor | None
 
 def _evaluate(run: Run) -> None:
     """Val metrics on rank 0 + the assignment probe on every rank, without touching the training RNG."""
+    _check_weights(run, "evaluated")
     devices = [run.device] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         change = run.probe(run.model, run.criterion, run.device) if run.probe is not None else None
@@ -424,37 +548,46 @@ def _due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
 
-def train(cfg: Config, *, resume: bool = False, stop_at: int | None = None) -> dict[str, Any]:
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, stop_at: int | None = None) -> dict[str, Any]:
     """Train ``cfg`` and return its summary (final metrics, curve, timings; see :func:`summarize`).
 
-    resume: continue from the latest checkpoint in ``cfg.train.out_dir`` (from scratch if none).
+    resume: continue from the newest intact checkpoint in ``cfg.train.out_dir`` (from scratch if none).
+    overwrite: replace an earlier run in ``cfg.train.out_dir``; its files are kept aside until this run's
+    first checkpoint exists. Without resume or overwrite, a folder holding a run raises RunExistsError.
     stop_at: stop after this step with a checkpoint, as if killed there; the schedule is unchanged.
     Launched by torchrun, every rank calls this; rank 0 alone logs, evaluates and saves.
     """
     validate(cfg)
+    check_run_dir(cfg.train.out_dir, resume=resume, overwrite=overwrite)  # every rank, before any work
     owns_group = not torch.distributed.is_initialized()  # leave a caller's process group alone
     info = distributed.setup(cfg.train.device)
     try:
-        return _train(cfg, info, resume, stop_at)
+        return _train(cfg, info, resume, overwrite, stop_at)
     finally:
         if owns_group:
             distributed.cleanup()
 
 
-def _train(cfg: Config, info: distributed.DistInfo, resume: bool, stop_at: int | None) -> dict[str, Any]:
+def _train(cfg: Config, info: distributed.DistInfo, resume: bool, overwrite: bool,
+           stop_at: int | None) -> dict[str, Any]:
     autocast_context(cfg.train.amp, info.device)  # an impossible AMP mode fails now, not after the set-up
     if info.is_main:
         print(f"resolved config:\n{cfg.to_yaml()}", flush=True)
     run = _build(cfg, info)
-    latest = ckpt.latest_checkpoint(cfg.train.out_dir) if resume else None
-    if latest is not None:
-        _restore(run, latest)
+    if info.is_main:
+        removed = ckpt.remove_orphan_temps(cfg.train.out_dir)
+        if removed:
+            print(f"removed {len(removed)} temp file(s) of an interrupted checkpoint write", flush=True)
+    found = _latest_intact(run) if resume else None
+    if found is not None:
+        _restore(run, *found)
         if info.is_main:
-            print(f"resumed from {latest} at step {run.step}", flush=True)
+            print(f"resumed from {found[0]} at step {run.step}", flush=True)
     elif resume and info.is_main:
         print(f"no checkpoint in {cfg.train.out_dir}; starting from scratch", flush=True)
-    if latest is None and info.is_main:
-        _remove_stale_checkpoints(cfg.train.out_dir)
+    if overwrite and info.is_main:
+        run.replaced = set_aside_run(cfg.train.out_dir)
+    distributed.barrier()
     run.logger = RunLogger(cfg, info.is_main, run.step)
     stop = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
     batches = run.stream.batches(run.step * cfg.train.grad_accum)
@@ -480,13 +613,57 @@ def _train(cfg: Config, info: distributed.DistInfo, resume: bool, stop_at: int |
     return summarize(run)
 
 
-def _remove_stale_checkpoints(run_dir: str) -> None:
-    """A fresh run owns its directory: checkpoints of an earlier run there would pass for "latest"."""
-    stale = ckpt.list_checkpoints(run_dir)
-    for _, path in stale:
-        path.unlink()
-    if stale:
-        print(f"removed {len(stale)} checkpoint(s) of an earlier run from {run_dir}", flush=True)
+# ------------------------------------------------------------------------------------------ run folder
+
+
+def earlier_run(run_dir: str | Path) -> list[str]:
+    """Names of the files of an earlier run in ``run_dir`` (empty: nothing a new run would replace)."""
+    path = Path(run_dir)
+    found = []
+    for name in RUN_FILES:
+        item = path / name
+        if item.is_file() or (item.is_dir() and any(item.iterdir())):
+            found.append(name + ("/" if item.is_dir() else ""))
+    return found
+
+
+def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Before any work: the run folder can be written, and a fresh run replaces an earlier one only when asked.
+
+    Raises ConfigError (RunExistsError for an earlier run) with one line naming the folder."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in the folder, --overwrite replaces it: give one of them")
+    path = Path(run_dir)
+    for folder in (path, *path.parents):  # the first existing one decides
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise ConfigError(f"run folder {path}: {folder} exists and is not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ConfigError(f"run folder {path}: {folder} is not writable")
+            break
+    found = earlier_run(path)
+    if found and not resume and not overwrite:
+        raise RunExistsError(f"{path} already holds a run ({', '.join(found)}): use --resume to continue it or "
+                             f"--overwrite to replace it (or another --out)")
+
+
+def set_aside_run(run_dir: str | Path) -> list[Path]:
+    """Move an earlier run's files into ``run_dir/.replaced-N/`` (renames: nothing is deleted here) and
+    return every such folder; :func:`_save` deletes them once the new run's first checkpoint exists."""
+    path = Path(run_dir)
+    found = [path / name.rstrip("/") for name in earlier_run(path)]
+    if found:
+        n = 0
+        while (path / f"{REPLACED_PREFIX}{n}").exists():
+            n += 1
+        aside = path / f"{REPLACED_PREFIX}{n}"
+        aside.mkdir()
+        for item in found:
+            item.rename(aside / item.name)
+        ckpt.fsync_dir(path)
+        print(f"--overwrite: moved the earlier run's {', '.join(p.name for p in found)} to {aside}; deleted once "
+              "this run writes its first checkpoint", flush=True)
+    return sorted(p for p in path.glob(f"{REPLACED_PREFIX}*") if p.is_dir())
 
 
 TIMING_WARMUP = 5  # first steps are slower (allocator, lazy init): left out of the mean step time
@@ -507,7 +684,7 @@ def summarize(run: Run) -> dict[str, Any]:
         **{k: v for k, v in last.items() if k not in ("step", "loss", "assignment_change")},
         "final_loss": sum(run.recent) / len(run.recent) if run.recent else None,
         "step_ms": mean_ms("step"), "loss_ms": mean_ms("loss"), "assign_ms": mean_ms("assign"),
-        "data_ms": mean_ms("data"),
+        "data_ms": mean_ms("data"), "skipped_steps": run.skipped_steps,
         "assignment_change": sum(changes) / len(changes) if changes else None,
         "curve": run.curve,
     }

@@ -160,3 +160,194 @@ def test_tensorboard_without_package_is_a_config_error(tmp_path):
     else:
         train(tiny(tmp_path, "train.steps=1", "train.tensorboard=true"))
         assert any((tmp_path / "tensorboard").iterdir())
+
+
+# ------------------------------------------------------------------- nothing a user made is lost (issue 16)
+
+
+def test_refuses_to_train_into_an_earlier_run(tmp_path):
+    from influencerformer.engine.train import RunExistsError
+
+    train(tiny(tmp_path, "train.steps=2"))
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(RunExistsError, match=r"already holds a run .*--resume.*--overwrite"):
+        train(tiny(tmp_path, "train.steps=2", "train.seed=1"))
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # not one file touched
+    with pytest.raises(ConfigError, match="give one of them"):
+        train(tiny(tmp_path, "train.steps=2"), resume=True, overwrite=True)
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_first_checkpoint(tmp_path, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("influencerformer.engine.train")
+    train(tiny(tmp_path, "train.steps=2"))
+    old = load_checkpoint(tmp_path)
+    seen = {}
+    real_save = train_module.ckpt.save_checkpoint
+
+    def spy(run_dir, step, state, keep=2):  # what is on disk just before the new run's first checkpoint
+        seen.setdefault("aside", sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()))
+        return real_save(run_dir, step, state, keep)
+
+    monkeypatch.setattr(train_module.ckpt, "save_checkpoint", spy)
+    train(tiny(tmp_path, "train.steps=3", "train.seed=1"), overwrite=True)
+    assert ".replaced-0/checkpoints/step_0000002.pt" in seen["aside"]  # the old run waited aside
+    assert ".replaced-0/metrics.jsonl" in seen["aside"] and "checkpoints/step_0000002.pt" not in seen["aside"]
+    assert not list(tmp_path.glob(".replaced-*"))  # and went once the new run had its own checkpoint
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3]
+    assert max(r["step"] for r in records(tmp_path)) == 3 and min(r["step"] for r in records(tmp_path)) == 1
+    new = load_checkpoint(tmp_path)["model"]
+    assert any(not torch.equal(new[k], old["model"][k]) for k in new)  # seed 1's weights, not the old run's
+
+
+def test_overwrite_killed_before_its_first_checkpoint_loses_nothing(tmp_path, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("influencerformer.engine.train")
+    train(tiny(tmp_path, "train.steps=2"))
+    old = (tmp_path / "checkpoints" / "step_0000002.pt").read_bytes()
+
+    def killed(run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(tmp_path, "train.steps=2", "train.seed=1"), overwrite=True)
+    assert (tmp_path / ".replaced-0" / "checkpoints" / "step_0000002.pt").read_bytes() == old
+
+
+class _NaNGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class _NaNGradAt(torch.nn.Module):
+    """Hungarian loss whose gradient is NaN (its value stays finite) at the training calls in ``bad``."""
+
+    def __init__(self, num_classes, bad):
+        super().__init__()
+        self.inner = registry.CRITERIA["hungarian"](num_classes, num_points=64)
+        self.weight_dict, self.calls, self.bad = self.inner.weight_dict, 0, bad
+
+    def forward(self, outputs, targets):
+        losses = self.inner(outputs, targets)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls in self.bad:
+                losses["loss"] = _NaNGrad.apply(losses["loss"])
+        return losses
+
+
+def test_a_nonfinite_gradient_is_skipped_and_counted(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(registry.CRITERIA, "nan_grad", lambda num_classes, **kw: _NaNGradAt(num_classes, {2}))
+    result = train(tiny(tmp_path, "train.steps=4", "criterion.name=nan_grad", "criterion.kwargs={}",
+                        "train.eval_every=0", "train.probe_images=0"))
+    assert result["skipped_steps"] == 1 and result["steps"] == 4
+    assert "step 2: non-finite gradients" in capsys.readouterr().err
+    assert [r["skipped_steps"] for r in records(tmp_path, "train")] == [0, 1, 1, 1]
+    state = load_checkpoint(tmp_path)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nonfinite_gradients_in_a_row_stop_the_run_and_are_never_saved(tmp_path, monkeypatch):
+    from influencerformer.engine.train import MAX_NONFINITE_STEPS
+
+    bad = set(range(3, 100))
+    monkeypatch.setitem(registry.CRITERIA, "nan_grad", lambda num_classes, **kw: _NaNGradAt(num_classes, bad))
+    cfg = tiny(tmp_path, "train.steps=20", "criterion.name=nan_grad", "criterion.kwargs={}", "train.eval_every=0",
+               "train.checkpoint_every=2", "train.probe_images=0")
+    with pytest.raises(NonFiniteLossError, match=rf"non-finite gradients in {MAX_NONFINITE_STEPS} steps in a row "
+                                                 rf"\(steps 3-{2 + MAX_NONFINITE_STEPS}\), none applied"):
+        train(cfg)
+    state = load_checkpoint(tmp_path)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_nonfinite_weights_are_never_saved(tmp_path, monkeypatch):
+    import importlib
+
+    train_module = importlib.import_module("influencerformer.engine.train")
+    real = train_module.build_optimizer
+
+    def poisoning(model, cfg):  # after the optimiser's 2nd step one weight is NaN
+        opt = real(model, cfg)
+        calls = []
+
+        def hook(optimizer, args, kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                with torch.no_grad():
+                    next(model.parameters()).view(-1)[0] = float("nan")
+        opt.register_step_post_hook(hook)
+        return opt
+
+    monkeypatch.setattr(train_module, "build_optimizer", poisoning)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights after step 2 .*not evaluated.*step_0000001"):
+        train(tiny(tmp_path, "train.steps=4", "train.checkpoint_every=1", "train.eval_every=2",
+                   "train.probe_images=0"))
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+
+
+def test_resume_falls_back_past_damaged_and_stray_checkpoints(tmp_path, capsys):
+    extra = ["train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=3", "train.eval_every=0"]
+    train(tiny(tmp_path, *extra), stop_at=3)
+    folder = tmp_path / "checkpoints"
+    good = (folder / "step_0000002.pt").read_bytes()
+    (folder / "step_0000003.pt").write_bytes((folder / "step_0000003.pt").read_bytes()[:1000])  # truncated
+    (folder / "step_0000009.pt").write_bytes(b"")  # empty, named like a checkpoint
+    (folder / "step_12.pt").write_bytes(b"junk")  # not the checkpoint name pattern: ignored
+    (folder / ".step_0000004.pt.x1.tmp").write_bytes(b"half")  # orphan of a killed save
+    result = train(tiny(tmp_path, *extra), resume=True)
+    err = capsys.readouterr().err
+    assert f"damaged checkpoint {folder / 'step_0000009.pt'}" in err
+    assert f"damaged checkpoint {folder / 'step_0000003.pt'}" in err
+    assert result["steps"] == 4 and load_checkpoint(tmp_path)["step"] == 4
+    assert (folder / "step_0000009.pt.damaged").exists() and (folder / "step_0000003.pt.damaged").exists()
+    assert not (folder / ".step_0000004.pt.x1.tmp").exists()
+    assert (folder / "step_0000002.pt").read_bytes() == good
+    assert [r["step"] for r in records(tmp_path, "train")] == [1, 2, 3, 4]
+
+
+def test_resume_with_every_checkpoint_damaged_names_them(tmp_path):
+    from influencerformer.engine.checkpoint import CheckpointError
+
+    train(tiny(tmp_path, "train.steps=1"))
+    (tmp_path / "checkpoints" / "step_0000001.pt").write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint in .*step_0000001.pt"):
+        train(tiny(tmp_path, "train.steps=2"), resume=True)
+
+
+def test_metrics_survive_a_cut_line_and_a_kill_during_the_resume_rewrite(tmp_path, monkeypatch):
+    import os
+
+    train(tiny(tmp_path, "train.steps=3", "train.checkpoint_every=2", "train.eval_every=0"), stop_at=2)
+    path = tmp_path / "metrics.jsonl"
+    with path.open("a") as f:
+        f.write('{"kind": "train", "step": 3, "lo')  # a kill in the middle of a line
+    text = path.read_text()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny(tmp_path, "train.steps=3", "train.checkpoint_every=2", "train.eval_every=0"), resume=True)
+    assert path.read_text() == text  # the rewrite is atomic: a kill leaves the file as it was
+    train(tiny(tmp_path, "train.steps=3", "train.checkpoint_every=2", "train.eval_every=0"), resume=True)
+    assert [r["step"] for r in records(tmp_path, "train")] == [1, 2, 3]  # every line parses
+
+
+def test_unwritable_or_file_run_folders_fail_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"run folder .*file exists and is not a folder"):
+        train(tiny(tmp_path / "file", "train.steps=1"))
+    with pytest.raises(ConfigError, match=r"run folder .*file exists and is not a folder"):
+        train(tiny(tmp_path / "file" / "run", "train.steps=1"))
