@@ -41,7 +41,7 @@ def plot_curves(runs: list[dict[str, Any]], names: Sequence[str], path: Path, *,
     """curves.png: val AP (axis from 0) and EMA-smoothed training loss against step, one line per variant;
     with several seeds the line is the mean and the shaded band ± 1 sd over seeds. Returns the Figure."""
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
     fig = Figure(figsize=(11, 4.4), layout="constrained")
     ax_ap, ax_loss = fig.subplots(1, 2)
@@ -68,6 +68,7 @@ def plot_curves(runs: list[dict[str, Any]], names: Sequence[str], path: Path, *,
         ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax_loss.yaxis.set_minor_formatter(NullFormatter())
     for ax in (ax_ap, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
@@ -80,6 +81,7 @@ def _draw(ax: Any, steps: list[int], mean: list[float], sd: list[float], colour:
           marker: str | None = None) -> None:
     if not steps:
         return
+    marker = marker or ("o" if len(steps) < 5 else None)  # a line of one or two points needs its dots
     ax.plot(steps, mean, color=colour, label=label, marker=marker, markersize=3)
     if any(sd):
         ax.fill_between(steps, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
