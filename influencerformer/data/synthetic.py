@@ -13,6 +13,9 @@ Presets (``SHAPES_PRESETS``):
   0.7-1.3, visible area >= 30 px. Measured over the first 200 train images (seed 0): 24.5 visible
   instances per image on average, min 9, max 39 (DESIGN.md: about 23, 8-37); about 2.6 ms of CPU
   time per image (one core).
+- ``"dense"``: the CPU benchmark that decides (``configs/shapes2d_dense.yaml``): 96x96, 10-22 shapes, radius
+  6-11 px, aspect 0.7-1.3, visible area >= 30 px. First 300 train images (seed 0): 15.8 visible instances per
+  image on average, min 9, max 22; median visible area 148 px.
 - ``"medium"``: 64x64, 4-15 shapes, radius 4-10 px, visible area >= 15 px: small enough to train
   on two CPU cores in minutes. Same measurement: 9.7 per image, min 3, max 15; about 0.8 ms.
 """
@@ -97,6 +100,10 @@ SHAPES_PRESETS: dict[str, ShapesConfig] = {
     "default": ShapesConfig(),
     "crowded": ShapesConfig(
         image_size=128, min_instances=10, max_instances=40, radius_min=5.0, radius_max=16.0,
+        aspect_min=0.7, aspect_max=1.3, min_area=30, min_stuff=0, max_stuff=0, texture=0.05,
+    ),
+    "dense": ShapesConfig(
+        image_size=96, min_instances=10, max_instances=22, radius_min=6.0, radius_max=11.0,
         aspect_min=0.7, aspect_max=1.3, min_area=30, min_stuff=0, max_stuff=0, texture=0.05,
     ),
     "medium": ShapesConfig(

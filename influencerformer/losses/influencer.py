@@ -15,7 +15,7 @@ all-covering predictions score below the perfect one (kept as ``form="seed"`` fo
 Ownership form (softmax over queries of soft-dice coverage, DESIGN.md "Measured directions"):
     D[k, q] = soft dice(sigmoid(L_q), M_k);  W = softmax_q(D / T)
     mask loss = sum_{k,q} W[k, q] * pair_loss[k, q] / #instances;  class target of q =
-    sum_k W[k, q] onehot(c_k) + remainder on "no object" (see ``soft_class_targets``).
+    sum_k W[k, q] onehot(c_k) + remainder on "no object" (``weighted_terms.class_targets``).
 
 The batched functions take leading batch dimensions ``...`` and padded instances (all-zero mask
 rows are "invalid" and contribute nothing), so a criterion can run a whole batch in one pass.
@@ -35,8 +35,6 @@ __all__ = [
     "mask_influencer_loss",
     "soft_dice_coverage",
     "ownership_weights",
-    "soft_class_targets",
-    "soft_cross_entropy",
 ]
 
 
@@ -194,40 +192,3 @@ def ownership_weights(coverage: Tensor, valid: Tensor | None = None, temperature
     _check_positive("temperature", temperature)
     w = torch.softmax(coverage / temperature, dim=-1)
     return w if valid is None else w * valid.unsqueeze(-1).to(w.dtype)
-
-
-def soft_class_targets(weights: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """Per-query soft class targets from query-to-instance weights (ownership or transport plan).
-
-    Args:
-        weights: ``(..., Q, K)`` non-negative (padded instances must have weight 0).
-        labels: ``(..., K)`` long in ``[0, num_classes)`` (padded entries: any valid id).
-        num_classes: ``C``; the "no object" class is index ``C``.
-    Returns:
-        ``(..., Q, C + 1)`` rows summing to 1: claim ``c_q = sum_k weights[q, k]``; the class part
-        is ``sum_k weights[q, k] onehot(label_k) / max(c_q, 1)`` (a query claimed more than once is
-        normalised) and "no object" gets the remainder ``1 - min(c_q, 1)``.
-    """
-    onehot = F.one_hot(labels, num_classes + 1).to(weights.dtype)
-    cls = torch.matmul(weights, onehot)
-    claim = weights.sum(-1, keepdim=True)
-    cls = cls / claim.clamp_min(1.0)
-    remainder = F.pad((1.0 - claim).clamp_min(0.0), (num_classes, 0))
-    return cls + remainder
-
-
-def soft_cross_entropy(class_logits: Tensor, targets: Tensor, class_weight: Tensor) -> Tensor:
-    """Class-weighted cross-entropy with soft targets, normalised like weighted hard CE.
-
-    Args:
-        class_logits: ``(..., Q, C + 1)``; targets: same shape, rows summing to 1;
-        class_weight: ``(C + 1,)`` (e.g. ``no_object_weight`` on the last class).
-    Returns:
-        scalar ``sum w_c t_qc (-log p_qc) / sum w_c t_qc``; equals ``F.cross_entropy(...,
-        weight=class_weight)`` when the targets are one-hot.
-    """
-    wt = targets * class_weight
-    # Half-precision logits are upcast: log_softmax over C+1 classes is where fp16 loses digits.
-    logits = class_logits if class_logits.dtype == torch.float64 else class_logits.float()
-    nll = -torch.log_softmax(logits, dim=-1)
-    return (wt * nll).sum() / wt.sum().clamp_min(1e-12)

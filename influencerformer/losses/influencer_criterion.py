@@ -63,22 +63,15 @@ from typing import Any, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.nn.utils.rnn import pad_sequence
 
 from .criterion import Layer, SetCriterion
-from .influencer import (
-    attractive_per_instance,
-    background_term,
-    log_coverage,
-    ownership_weights,
-    repulsive_term,
-    soft_class_targets,
-    soft_cross_entropy,
-    soft_dice_coverage,
-)
+from .influencer import attractive_per_instance, background_term, log_coverage, repulsive_term, soft_dice_coverage
 from .mask_losses import pairwise_sigmoid_bce
-from .transport import sinkhorn
+from .pair_kernel import pair_terms
+from .sampling import pad_point_masks, sample_pixels, targets_at_pixels
+from .weighted_terms import class_targets, loss_ce, loss_dice, loss_mask
+from .weights import instance_mass, ownership_weights, transport_weights
 
 __all__ = ["MaskInfluencerCriterion"]
 
@@ -92,7 +85,8 @@ class PointTargets(NamedTuple):
     masks: Tensor  # (B, K, P) float in [0, 1], float32 (float64 when the predictions are); a view of:
     masks_and_ones: Tensor  # (B, K + 1, P): masks and a row of ones (row sums from the same matmuls)
     valid: Tensor  # (B, K) bool, False for padding
-    sizes: list[int]  # K_i per image
+    sizes: list[int]  # K_i per image (host ints: known without a sync)
+    counts: Tensor  # (B,) long, the same K_i on the device
 
 
 class MaskInfluencerCriterion(SetCriterion):
@@ -106,6 +100,12 @@ class MaskInfluencerCriterion(SetCriterion):
         class_weight, mask_weight, dice_weight: weights of ``loss_ce``, ``loss_mask``, ``loss_dice`` and of the
             same three terms in the transport cost.
         epsilon, sinkhorn_iters: entropic regularisation (cost units) and Sinkhorn iterations.
+        epsilon_end: if set, epsilon moves geometrically from ``epsilon`` to ``epsilon_end`` over training
+            (``set_progress``, called by the training loop): blurry early, near-Hungarian late.
+        aux_multiplicity: transport: mass of each instance column on auxiliary layers (one-to-many, ``m > 1``;
+            capped at ``Q / K``); the final layer stays one-to-one, so inference needs no NMS.
+        quality_targets: the class target of a query is its weight times the dice of its mask with the instance
+            (the rest goes to "no object"): duplicates and poor masks learn low scores.
         detach_plan: stop gradients through the plan (default); False backpropagates through the iterations.
         topk: if set, pair losses use only each instance's ``topk`` queries by plan weight (weights unchanged).
         no_object_weight: as in ``SetCriterion``.
@@ -119,14 +119,15 @@ class MaskInfluencerCriterion(SetCriterion):
         self, num_classes: int, *, form: str = "transport", attr_weight: float = 1.0, rep_weight: float = 1.0,
         bg_weight: float = 0.1, rep_margin: float = 1.0, temperature: float = 1.0, cls_weight: float = 0.5,
         claim_threshold: float = 0.5, no_object_weight: float = 0.1, num_points: int | None = 12544,
-        epsilon: float = 0.1, sinkhorn_iters: int = 30, class_weight: float = 2.0, mask_weight: float = 5.0,
-        dice_weight: float = 5.0, detach_plan: bool = True, topk: int | None = None,
+        epsilon: float = 0.1, sinkhorn_iters: int = 30, epsilon_end: float | None = None,
+        aux_multiplicity: float = 1.0, quality_targets: bool = False, class_weight: float = 2.0,
+        mask_weight: float = 5.0, dice_weight: float = 5.0, detach_plan: bool = True, topk: int | None = None,
         oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
     ) -> None:
         if form not in FORMS:
             raise ValueError(f"form: expected one of {', '.join(FORMS)}, got {form!r}")
         _check_options(temperature=temperature, epsilon=epsilon, sinkhorn_iters=sinkhorn_iters, topk=topk,
-                       rep_margin=rep_margin)
+                       rep_margin=rep_margin, epsilon_end=epsilon_end, aux_multiplicity=aux_multiplicity)
         if form == "seed":
             weights = {"loss_attr": attr_weight, "loss_rep": rep_weight, "loss_bg": bg_weight, "loss_cls": cls_weight}
         else:
@@ -136,23 +137,35 @@ class MaskInfluencerCriterion(SetCriterion):
         self.form, self.temperature, self.rep_margin = form, temperature, rep_margin
         self.claim_threshold = claim_threshold
         self.cost_weights = (class_weight, mask_weight, dice_weight)
-        self.epsilon, self.sinkhorn_iters = epsilon, sinkhorn_iters
+        self.epsilon, self.epsilon_end, self.sinkhorn_iters = epsilon, epsilon_end, sinkhorn_iters
+        self.aux_multiplicity, self.quality_targets = float(aux_multiplicity), bool(quality_targets)
         self.detach_plan, self.topk = detach_plan, topk
+        self.progress = 0.0
         self.last_assignment: list[Tensor] | None = None
         self.last_weights: Tensor | None = None
 
+    def set_progress(self, fraction: float) -> None:
+        """Training progress in [0, 1] (the training loop calls this each step); drives the epsilon schedule."""
+        self.progress = min(max(float(fraction), 0.0), 1.0)
+
+    def current_epsilon(self) -> float:
+        """``epsilon``, or the geometric schedule ``epsilon * (epsilon_end / epsilon) ** progress``."""
+        if self.epsilon_end is None:
+            return self.epsilon
+        return self.epsilon * (self.epsilon_end / self.epsilon) ** self.progress
+
     # ------------------------------------------------------------------ shared work of all layers
     def layer_context(self, layers: list[Layer], targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Any]]:
-        """Sample pixels once for all layers; for ``transport``, one batched Sinkhorn over layers x images."""
+        """Read the targets once for all layers; per layer the weights ``(B, Q, K)`` of its form."""
         masks = layers[0][1]
-        index, point_targets = self._target_points(targets, masks, _compute_dtype(masks))
-        contexts = [{"index": index, "point_targets": point_targets, "record": i == 0} for i in range(len(layers))]
+        index, tgt = self._target_points(targets, masks, _compute_dtype(masks))
+        contexts = [{"index": index, "point_targets": tgt, "record": i == 0} for i in range(len(layers))]
         if self.form == "transport":
-            pairs = [self._pair_terms(logits, m, index, point_targets) for logits, m in layers]
+            pairs = [self._pair_terms(logits, m, index, tgt) for logits, m in layers]
             with self.assign_timer(masks.device):  # the pair terms are the loss itself; the plan is the assignment
-                plans = self._plans(pairs, point_targets)
-            for ctx, pair, plan in zip(contexts, pairs, plans.unbind(0)):
-                ctx.update(pairs=pair, plan=plan)
+                plans, mass = self._plans(pairs, tgt)
+            for ctx, pair, plan, m in zip(contexts, pairs, plans.unbind(0), mass.unbind(0)):
+                ctx.update(pairs=pair, weights=plan[..., :-1], mass=m)
         return contexts
 
     def layer_losses(self, pred_logits: Tensor, pred_masks: Tensor, targets: Sequence[dict[str, Tensor]],
@@ -160,9 +173,11 @@ class MaskInfluencerCriterion(SetCriterion):
         """Unweighted terms of one layer; ``context`` comes from ``layer_context`` (computed here if absent)."""
         if not context:
             context = self.layer_context([(pred_logits, pred_masks)], targets)[0]
-        form_losses = {"transport": self._transport_losses, "ownership": self._ownership_losses,
-                       "seed": self._seed_losses}[self.form]
-        return form_losses(pred_logits, pred_masks, num_masks, **context)
+        if self.form == "seed":
+            return self._seed_losses(pred_logits, pred_masks, num_masks, **context)
+        if self.form == "ownership":
+            context = self._ownership_context(pred_masks, **context)
+        return self._weighted_losses(pred_logits, pred_masks, num_masks, **context)
 
     # ------------------------------------------------------------------ points
     def _target_points(self, targets: Sequence[dict[str, Tensor]], pred_masks: Tensor,
@@ -174,19 +189,20 @@ class MaskInfluencerCriterion(SetCriterion):
         """
         device = pred_masks.device
         sizes = [len(t["labels"]) for t in targets]
+        counts = torch.tensor(sizes, dtype=torch.int64).to(device, non_blocking=True)
         labels = pad_sequence([t["labels"].to(device, torch.int64) for t in targets], batch_first=True)
         index = None
         if pred_masks.dim() == 3:
-            masks = _pad_point_masks([t["masks"] for t in targets], pred_masks.shape[-1], dtype, device,
-                                     ones_row=True)
+            masks = pad_point_masks([t["masks"] for t in targets], pred_masks.shape[-1], dtype, device,
+                                    ones_row=True)
         else:
             height, width = pred_masks.shape[2:]
             if self.num_points is not None and self.num_points < height * width:
                 index = sample_pixels(len(targets), self.num_points, height, width, device)
             masks = targets_at_pixels([t["masks"] for t in targets], index, (height, width), dtype, device,
                                       ones_row=True)
-        valid = torch.arange(labels.shape[1], device=device) < torch.tensor(sizes, device=device).unsqueeze(1)
-        return index, PointTargets(labels, masks[:, :-1], masks, valid, sizes)
+        valid = torch.arange(labels.shape[1], device=device) < counts.unsqueeze(1)
+        return index, PointTargets(labels, masks[:, :-1], masks, valid, sizes, counts)
 
     @staticmethod
     def _pred_points(pred_masks: Tensor, index: Tensor | None) -> Tensor:
@@ -195,63 +211,64 @@ class MaskInfluencerCriterion(SetCriterion):
         points = flat if index is None else flat.gather(2, index.unsqueeze(1).expand(-1, flat.shape[1], -1))
         return _at_least_float32(points)
 
-    # ------------------------------------------------------------------ transport
+    # ------------------------------------------------------------------ weight producers
     def _pair_terms(self, pred_logits: Tensor, pred_masks: Tensor, index: Tensor | None,
                     tgt: PointTargets) -> dict[str, Tensor]:
         """Pair terms with gradient, each ``(B, Q, K)``: ``bce``, ``dice`` (1 - dice) and ``prob`` p_q(c_k)."""
         prob = _at_least_float32(pred_logits).softmax(-1)
         gather = tgt.labels.unsqueeze(1).expand(-1, prob.shape[1], -1)
-        bce, dice = _PairTerms.apply(pred_masks.flatten(2), index, tgt.masks_and_ones)
+        bce, dice = pair_terms(pred_masks.flatten(2), index, tgt.masks_and_ones)
         return {"bce": bce, "dice": dice, "prob": prob.gather(-1, gather)}
 
-    def _plans(self, pairs: list[dict[str, Tensor]], tgt: PointTargets) -> Tensor:
-        """Transport plans of all layers in one Sinkhorn call: ``(L, B, Q, K + 1)``, last column = no object."""
+    def _plans(self, pairs: list[dict[str, Tensor]], tgt: PointTargets) -> tuple[Tensor, Tensor]:
+        """Plans of all layers in one Sinkhorn call ``(L, B, Q, K + 1)`` and instance masses ``(L, B)``.
+
+        Layer 0 is the final layer (one-to-one); auxiliary layers get ``aux_multiplicity``.
+        """
         wc, wm, wd = self.cost_weights
         cost = torch.stack([wc * (1 - p["prob"]) + wm * p["bce"] + wd * p["dice"] for p in pairs])
-        cost = F.pad(cost, (0, 1))  # no-object column: constant cost 0 (see module docstring)
         if self.detach_plan:
             cost = cost.detach()
-        num_layers, b, q, _ = cost.shape
-        sizes = torch.tensor(tgt.sizes, device=cost.device, dtype=cost.dtype).unsqueeze(1)  # (B, 1)
-        instance_mass = (q / sizes.clamp_min(1)).clamp_max(1.0)  # 1, or Q/K when K > Q
-        col = torch.cat([tgt.valid * instance_mass, (q - sizes).clamp_min(0)], dim=1)
-        row = cost.new_ones(b, q)
+        queries = cost.shape[2]
+        one = instance_mass(tgt.counts, queries)
+        aux = instance_mass(tgt.counts, queries, self.aux_multiplicity)
+        mass = torch.stack([one] + [aux] * (len(pairs) - 1)).to(cost.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_plan):
-            plan = sinkhorn(cost.flatten(0, 1), row.repeat(num_layers, 1), col.repeat(num_layers, 1),
-                            self.epsilon, self.sinkhorn_iters)
-        return plan.unflatten(0, (num_layers, b))
+            plan = transport_weights(cost, tgt.valid, mass, self.current_epsilon(), self.sinkhorn_iters)
+        return plan, mass
 
-    def _transport_losses(self, pred_logits: Tensor, pred_masks: Tensor, num_masks: Tensor, *, index: Tensor | None,
-                          point_targets: PointTargets, record: bool, pairs: dict[str, Tensor],
-                          plan: Tensor) -> dict[str, Tensor]:
-        """Plan-weighted pair losses and soft-target classification of one layer."""
-        weights = plan[..., :-1]  # (B, Q, K); rows of the full plan sum to 1
-        if record:
-            self._record(weights, point_targets.sizes)
-        if self.topk is None:
-            loss_mask = (weights * pairs["bce"]).sum() / num_masks
-            loss_dice = (weights * pairs["dice"]).sum() / num_masks
-        else:
-            points = self._pred_points(pred_masks, index)
-            loss_mask, loss_dice = _topk_pair_losses(weights, points, point_targets.masks, self.topk, num_masks)
-        cls_targets = soft_class_targets(weights, point_targets.labels, self.num_classes)
-        loss_ce = soft_cross_entropy(pred_logits, cls_targets, self.empty_weight)
-        return {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
-
-    # ------------------------------------------------------------------ ownership
-    def _ownership_losses(self, pred_logits: Tensor, pred_masks: Tensor, num_masks: Tensor, *, index: Tensor | None,
-                          point_targets: PointTargets, record: bool) -> dict[str, Tensor]:
-        """Softmax-over-queries ownership of soft-dice coverage weighting the same three terms."""
+    def _ownership_context(self, pred_masks: Tensor, *, index: Tensor | None, point_targets: PointTargets,
+                           **context: Any) -> dict[str, Any]:
+        """Softmax-over-queries ownership of soft-dice coverage, as weights with gradient and pair terms."""
         points = self._pred_points(pred_masks, index)
         dice = soft_dice_coverage(points, point_targets.masks)  # (B, K, Q)
         weights = ownership_weights(dice, point_targets.valid, self.temperature).transpose(1, 2)  # (B, Q, K)
+        pairs = {"bce": pairwise_sigmoid_bce(points, point_targets.masks), "dice": 1 - dice.transpose(1, 2)}
+        return {**context, "index": index, "point_targets": point_targets, "pairs": pairs, "weights": weights}
+
+    # ------------------------------------------------------------------ the shared weighted terms
+    def _weighted_losses(self, pred_logits: Tensor, pred_masks: Tensor, num_masks: Tensor, *, index: Tensor | None,
+                         point_targets: PointTargets, record: bool, pairs: dict[str, Tensor], weights: Tensor,
+                         mass: Tensor | None = None) -> dict[str, Tensor]:
+        """``loss_ce`` (soft or quality-aware targets), ``loss_mask`` and ``loss_dice`` from weights ``(B, Q, K)``.
+
+        Mask terms use the weights divided by the instance mass (one-to-many layers average over an instance's
+        queries); class targets use them as they are (each of an instance's queries learns its class).
+        """
         if record:
             self._record(weights, point_targets.sizes)
-        loss_mask = (weights * pairwise_sigmoid_bce(points, point_targets.masks)).sum() / num_masks
-        loss_dice = (weights * (1 - dice.transpose(1, 2))).sum() / num_masks
-        cls_targets = soft_class_targets(weights, point_targets.labels, self.num_classes)
-        loss_ce = soft_cross_entropy(pred_logits, cls_targets, self.empty_weight)
-        return {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
+        mask_weights = weights if mass is None else weights / mass.view(-1, 1, 1)
+        if self.topk is None:
+            terms = {"loss_mask": loss_mask(mask_weights, pairs["bce"], num_masks),
+                     "loss_dice": loss_dice(mask_weights, pairs["dice"], num_masks)}
+        else:
+            points = self._pred_points(pred_masks, index)
+            bce, dice = _topk_pair_losses(mask_weights, points, point_targets.masks, self.topk, num_masks)
+            terms = {"loss_mask": bce, "loss_dice": dice}
+        quality = (1 - pairs["dice"]).detach().clamp(0, 1) if self.quality_targets else None
+        targets = class_targets(weights.detach() if self.detach_plan else weights, point_targets.labels,
+                                self.num_classes, quality)
+        return {"loss_ce": loss_ce(pred_logits, targets, self.empty_weight), **terms}
 
     # ------------------------------------------------------------------ seed
     def _seed_losses(self, pred_logits: Tensor, pred_masks: Tensor, num_masks: Tensor, *, index: Tensor | None,
@@ -305,251 +322,12 @@ def _compute_dtype(pred_masks: Tensor) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------- shared pixels
 
 
-def sample_pixels(batch: int, num_points: int, height: int, width: int,
-                  device: torch.device | str | None = None) -> Tensor:
-    """``num_points`` distinct pixels per image, uniform without replacement: ``(B, P)`` long, sorted row-major.
-
-    Sorted so that gathering them from (and scattering gradients back onto) the prediction grid walks memory
-    forwards; the order of the points does not matter to any loss.  No host sync.
-    """
-    if not 0 < num_points <= height * width:
-        raise ValueError(f"num_points must be in [1, {height * width}] for a {height}x{width} grid, got {num_points}")
-    keys = torch.rand(batch, height * width, device=device)
-    return keys.topk(num_points, dim=1, sorted=False).indices.sort(dim=1).values
-
-
-def pixel_centres(index: Tensor, height: int, width: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``(x, y)`` in [0, 1] of the centres of flat pixel indices ``(..., P)`` of an ``H x W`` grid -> ``(..., P, 2)``.
-
-    The coordinates at which ``point_sample`` reads a pixel's own value (up to rounding of ``dtype``), as listed by
-    ``grid_point_coords``.
-    """
-    rows, cols = index.div(width, rounding_mode="floor"), index.remainder(width)
-    return torch.stack([(cols.to(dtype) + 0.5) / width, (rows.to(dtype) + 0.5) / height], dim=-1)
-
-
-def _bilinear_taps(rows: Tensor, cols: Tensor, pred_hw: tuple[int, int], target_hw: tuple[int, int],
-                   dtype: torch.dtype = torch.float32) -> list[tuple[Tensor, float | Tensor]]:
-    """Target pixels and weights of bilinear reads at the centres of prediction pixels ``(rows, cols)`` ``(P,)``.
-
-    The arithmetic of ``grid_sample(align_corners=False, padding_mode="zeros")`` at ``pixel_centres``: the centre
-    of prediction row ``i`` is at target row ``(i + 0.5) * H' / H - 0.5``.  Returns ``[(flat target index (P,),
-    weight)]``: when ``H'`` and ``W'`` are integer multiples of ``H`` and ``W`` the weights are the same for every
-    pixel (python floats; 1 tap for odd ratios, the 2 x 2 block with 0.25 each for even ones, e.g. 256 -> 128);
-    otherwise that axis has 2 taps with ``(P,)`` weights in ``dtype``, 0 outside the target (index clamped).
-    """
-    axes = []
-    for pos, size, t_size in ((rows, pred_hw[0], target_hw[0]), (cols, pred_hw[1], target_hw[1])):
-        ratio, rest = divmod(t_size, size)
-        if rest == 0:  # centre at ratio * i + (ratio - 1) / 2: one target pixel, or halfway between two
-            half = (ratio - 1) // 2
-            first = pos * ratio + half
-            taps = [(first, 1.0)] if ratio % 2 else [(first, 0.5), (first + 1, 0.5)]
-        else:
-            coord = (pos.to(dtype) + 0.5) * (t_size / size) - 0.5
-            low = coord.floor()
-            frac, low = coord - low, low.long()
-            taps = [((low + d).clamp(0, t_size - 1), weight * ((low + d >= 0) & (low + d < t_size)))
-                    for d, weight in ((0, 1 - frac), (1, frac))]
-        axes.append(taps)
-    return [(y * target_hw[1] + x, wy * wx) for y, wy in axes[0] for x, wx in axes[1]]
-
-
-def targets_at_pixels(target_masks: Sequence[Tensor], index: Tensor | None, pred_hw: tuple[int, int],
-                      dtype: torch.dtype, device: torch.device, *, ones_row: bool = False) -> Tensor:
-    """Per-image target masks ``(K_i, H', W')`` read at the centres of prediction pixels -> ``(B, K_max, P)``.
-
-    ``index``: ``(B, P)`` flat prediction pixels, or None for every pixel (``P = H * W``).  Same values as
-    ``point_sample(masks, pixel_centres(index))`` / ``target_masks_at_prediction_grid`` (the target pixel itself
-    when ``(H', W') == (H, W)``), but gathered from the masks at the few pixels read: no padded float copy of
-    the full targets and no ``grid_sample``.  Padding rows are 0; ``ones_row`` appends a row of ones
-    (``(B, K_max + 1, P)``).
-    """
-    height, width = pred_hw
-    num = height * width if index is None else index.shape[1]
-    out = _padded_rows(target_masks, num, dtype, device, ones_row)
-    for b, masks in enumerate(target_masks):  # one pass per image: K_i and the target size vary
-        k = masks.shape[0]
-        if k == 0:
-            continue
-        masks = masks.to(device)
-        flat, target_hw = masks.reshape(k, -1), tuple(masks.shape[1:])
-        if index is None and target_hw == pred_hw:
-            out[b, :k] = flat
-            continue
-        pixels = torch.arange(num, device=device) if index is None else index[b]
-        taps = _bilinear_taps(pixels.div(width, rounding_mode="floor"), pixels.remainder(width), pred_hw, target_hw,
-                              dtype)
-        weights = [w for _, w in taps]
-        if masks.dtype == torch.bool and all(isinstance(w, float) and w == weights[0] for w in weights):
-            # integer resolution ratio: <= 4 taps of 0/1 read in one gather, summed exactly in uint8
-            reads = flat.view(torch.uint8).gather(1, torch.cat([tap for tap, _ in taps]).expand(k, -1))
-            out[b, :k] = reads.view(k, len(taps), num).sum(1, dtype=torch.uint8)
-            if weights[0] != 1.0:
-                out[b, :k] *= weights[0]
-        else:
-            for tap, weight in taps:
-                read = flat.gather(1, tap.expand(k, -1)).to(dtype)
-                out[b, :k] += read * weight
-    return out
-
-
-def _padded_rows(target_masks: Sequence[Tensor], num: int, dtype: torch.dtype, device: torch.device,
-                 ones_row: bool) -> Tensor:
-    """Zeros ``(B, K_max (+ 1), num)``; the extra last row (``ones_row``) is filled with ones."""
-    k_max = max((m.shape[0] for m in target_masks), default=0)
-    out = torch.zeros(len(target_masks), k_max + int(ones_row), num, dtype=dtype, device=device)
-    if ones_row:
-        out[:, -1] = 1
-    return out
-
-
-def _pad_point_masks(target_masks: Sequence[Tensor], num_points: int, dtype: torch.dtype,
-                     device: torch.device, *, ones_row: bool = False) -> Tensor:
-    """Point-cloud target masks ``(K_i, P)`` -> ``(B, K_max, P)`` floats, padding rows 0 (``ones_row``: as above)."""
-    out = _padded_rows(target_masks, num_points, dtype, device, ones_row)
-    for b, masks in enumerate(target_masks):
-        out[b, :masks.shape[0]] = masks.to(device)
-    return out
-
-
-# Locations x queries handled at once by ``_PairTerms`` on the CPU (8 MiB of float32 per chunk): the chunk's
-# temporaries stay in cache and are reused, instead of fresh (B, Q, P) buffers (page faults: measured ~20 %
-# faster at Q 400).  Other devices take all queries at once (fewer kernel launches).
-_CPU_CHUNK_ELEMENTS = 2**21
-
-
-class _PairTerms(torch.autograd.Function):
-    """``bce (B, Q, K)`` and ``1 - dice (B, Q, K)`` of every pair on the shared pixels, in one autograd node.
-
-    Same values as ``pairwise_sigmoid_bce`` / ``pairwise_dice`` on the gathered logits (up to float rounding).
-    With ``x`` the logits at the pixels, ``s = sigmoid(x)``, ``t`` the targets and ``t1 = [t; 1]`` (a row of
-    ones appended, so the matmuls also give the row sums)::
-
-        bce  = (sum_p softplus(x) - x @ t^T) / P
-        dice = 1 - (2 s @ t^T + 1) / (sum_p s + sum_p t + 1)
-        dL/dx = s (1 - s) ([A_d, c] @ t1) + s r - A_b @ t
-
-    with ``A_b = g_bce / P``, ``r = sum_k A_b``, ``A_d = -2 g_dice / den``, ``c = sum_k g_dice (2 I + 1) / den^2``.
-    ``softplus(x) = relu(x) - log(0.5 + |s - 0.5|)`` (one ``log``; PyTorch's CPU softplus runs ``log1p``
-    unvectorised; absolute error < 1e-7 per location, no overflow for any ``x``).  Only ``s`` is kept for the
-    backward, and it is kept inside the buffer that becomes the gradient of ``masks`` (allocated once, in the
-    forward: on the CPU each fresh (B, Q, P) buffer costs page faults); the gradient is scattered back onto the
-    grid (``index`` holds distinct pixels: a plain scatter).  A second backward through the same graph
-    (``retain_graph=True``) recomputes ``s`` from the saved logits.  On the CPU queries are processed in chunks
-    (``_CPU_CHUNK_ELEMENTS``).  Not twice differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, masks: Tensor, index: Tensor | None, targets1: Tensor) -> tuple[Tensor, Tensor]:
-        # masks (B, Q, N) logits; index (B, P) distinct pixels or None (P = N); targets1 (B, K + 1, P) = [t; 1]
-        dtype = torch.promote_types(masks.dtype, torch.float32)
-        (b, q, n), k, device = masks.shape, targets1.shape[1] - 1, masks.device
-        p = n if index is None else index.shape[1]
-        targets1 = targets1.to(dtype)
-        targets1_t = targets1.transpose(1, 2)
-        step = _query_chunk(b, q, p, device)
-        grad_buffer = torch.empty(masks.shape, dtype=masks.dtype, device=device)  # the backward's result
-        if masks.dtype == dtype:
-            probs = grad_buffer[..., :p]  # s of query row q lives in the first P slots of its gradient row
-        else:  # half-precision masks: s stays float32
-            probs = torch.empty(b, q, p, dtype=dtype, device=device)
-        cross = torch.empty(b, q, k + 1, dtype=dtype, device=device)  # x @ t1^T
-        inter = torch.empty_like(cross)  # s @ t1^T
-        softplus = torch.empty(b, q, 1, dtype=dtype, device=device)
-        work = None
-        for start in range(0, q, step):
-            rows = slice(start, min(q, start + step))
-            chunk = masks[:, rows]
-            if index is None:
-                x = chunk.to(dtype)
-                fresh = x.data_ptr() != chunk.data_ptr()  # a converted copy may be overwritten
-            else:
-                if work is None:
-                    work = torch.empty(b, step, p, dtype=masks.dtype, device=device)
-                x = _gather_pixels(chunk, index, out=work[:, :chunk.shape[1]]).to(dtype)
-                fresh = True
-            s = torch.sigmoid(x, out=probs[:, rows])
-            cross[:, rows] = torch.bmm(x, targets1_t)
-            inter[:, rows] = torch.bmm(s, targets1_t)
-            if fresh:  # x is no longer needed: its buffer holds the softplus temporaries
-                relu = x.clamp_min_(0).sum(-1, keepdim=True)
-                temp = torch.sub(s, 0.5, out=x)
-            else:
-                relu = x.clamp_min(0).sum(-1, keepdim=True)
-                temp = s - 0.5
-            softplus[:, rows] = relu - temp.abs_().add_(0.5).log_().sum(-1, keepdim=True)
-        bce = (softplus - cross[..., :k]) / p
-        den = inter[..., k:] + targets1[:, :k].sum(-1).unsqueeze(1) + 1  # sum_p s + sum_p t + 1
-        inter = inter[..., :k]
-        dice = 1 - (2 * inter + 1) / den
-        ctx.save_for_backward(masks, targets1, index, den, inter)
-        ctx.probs, ctx.grad_buffer, ctx.step = probs, grad_buffer, step  # not inputs/outputs: plain attributes
-        return bce, dice
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_bce: Tensor, grad_dice: Tensor) -> tuple[Tensor, None, None]:
-        masks, targets1, index, den, inter = ctx.saved_tensors
-        probs, full = ctx.probs, ctx.grad_buffer
-        ctx.probs = ctx.grad_buffer = None  # the first backward turns the buffer holding s into the gradient
-        recompute = full is None  # a second backward (retain_graph=True): s is recomputed from the logits
-        if recompute:
-            full = torch.empty(masks.shape, dtype=masks.dtype, device=masks.device)
-        (b, q), (k, p), dtype = masks.shape[:2], targets1.shape[1:], targets1.dtype
-        k -= 1
-        coef_bce = grad_bce.to(dtype) / p  # (B, Q, K)
-        row_bce = coef_bce.sum(-1, keepdim=True)
-        grad_dice = grad_dice.to(dtype)
-        const = (grad_dice * (2 * inter + 1) / den.square()).sum(-1, keepdim=True)  # (B, Q, 1)
-        coef_dice = torch.cat([-2 * grad_dice / den, const], dim=-1)  # (B, Q, K + 1): the ones row adds const
-        targets = targets1[:, :k]
-        work = torch.empty(b * min(q, ctx.step) * p, dtype=dtype, device=masks.device)  # reused by every chunk
-        for start in range(0, q, ctx.step):  # rows of a chunk hold their own s until it is read here
-            rows = slice(start, min(q, start + ctx.step))
-            s = _sigmoid_at(masks[:, rows], index, dtype) if recompute else probs[:, rows]
-            grad = work[:s.numel()].view(s.shape)
-            torch.bmm(coef_dice[:, rows], targets1, out=grad)  # dL/ds through dice
-            torch.ops.aten.sigmoid_backward.grad_input(grad, s, grad_input=grad)  # * s (1 - s)
-            grad.addcmul_(s, row_bce[:, rows])
-            grad.baddbmm_(coef_bce[:, rows], targets, alpha=-1)  # BCE cross term, accumulated by the matmul
-            if index is None:
-                full[:, rows] = grad
-            else:
-                full[:, rows].zero_().scatter_(2, index.unsqueeze(1).expand(-1, grad.shape[1], -1),
-                                               grad.to(full.dtype))
-        return full, None, None
-
-
-def _gather_pixels(masks: Tensor, index: Tensor, out: Tensor | None = None) -> Tensor:
-    """``masks (B, Q, N)`` at the pixels ``index (B, P)`` -> ``(B, Q, P)`` (into ``out`` when given).
-
-    On the CPU one ``index_select`` per image (~40 % faster than ``gather`` with an expanded index there).
-    """
-    if out is None:
-        out = masks.new_empty(*masks.shape[:2], index.shape[1])
-    if masks.device.type == "cpu":
-        for b in range(masks.shape[0]):
-            torch.index_select(masks[b], 1, index[b], out=out[b])
-        return out
-    return torch.gather(masks, 2, index.unsqueeze(1).expand(-1, masks.shape[1], -1), out=out)
-
-
-def _sigmoid_at(masks: Tensor, index: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """``sigmoid`` of logits ``(B, Q', N)`` at the pixels ``index`` (``(B, P)`` or None: all) in ``dtype``."""
-    x = masks if index is None else _gather_pixels(masks, index)
-    return torch.sigmoid(x.to(dtype))
-
-
-def _query_chunk(batch: int, queries: int, points: int, device: torch.device) -> int:
-    """Queries per chunk in ``_PairTerms``: all of them off the CPU, else about ``_CPU_CHUNK_ELEMENTS`` values."""
-    if device.type != "cpu":
-        return max(queries, 1)
-    return max(1, min(queries, _CPU_CHUNK_ELEMENTS // max(1, batch * points)))
-
-
 def _check_options(*, temperature: float, epsilon: float, sinkhorn_iters: int, topk: int | None,
-                   rep_margin: float) -> None:
+                   rep_margin: float, epsilon_end: float | None, aux_multiplicity: float) -> None:
+    if epsilon_end is not None and not epsilon_end > 0:
+        raise ValueError(f"epsilon_end must be None or > 0, got {epsilon_end}")
+    if not aux_multiplicity >= 1:
+        raise ValueError(f"aux_multiplicity must be >= 1, got {aux_multiplicity}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not epsilon > 0:

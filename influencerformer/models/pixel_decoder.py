@@ -46,7 +46,8 @@ class FPNPixelDecoder(nn.Module):
     """FPN over ``res2..res5``.
 
     ``forward(features)`` with ``features[name]``: ``(B, in_channels[i], H/s, W/s)`` returns
-      - ``mask_features``: ``(B, mask_dim, H/4, W/4)``
+      - ``mask_features``: ``(B, mask_dim, H/s, W/s)``, ``s = mask_stride`` (4, or 2: the stride-4 FPN output
+        upsampled 2x bilinearly before the mask-feature conv)
       - ``memory``: list of 3 ``(B, h_l * w_l, conv_dim)`` at strides 32, 16, 8, level embedding added
       - ``memory_pos``: list of 3 ``(B, h_l * w_l, conv_dim)`` sine positional embeddings
       - ``memory_shapes``: list of 3 ``(h_l, w_l)``, needed to resize masks for masked attention.
@@ -54,8 +55,11 @@ class FPNPixelDecoder(nn.Module):
 
     num_memory_levels = 3
 
-    def __init__(self, in_channels: Sequence[int], conv_dim: int = 256, mask_dim: int = 256):
+    def __init__(self, in_channels: Sequence[int], conv_dim: int = 256, mask_dim: int = 256, mask_stride: int = 4):
         super().__init__()
+        if mask_stride not in (2, 4):
+            raise ValueError(f"pixel decoder mask_stride must be 2 or 4, got {mask_stride}")
+        self.mask_stride = mask_stride
         if len(in_channels) != 4:
             raise ValueError(f"pixel decoder in_channels must have 4 entries (res2..res5), got {tuple(in_channels)}")
         # The coarsest level has no lateral: its 3x3 output conv maps it to conv_dim directly.
@@ -88,5 +92,8 @@ class FPNPixelDecoder(nn.Module):
             memory.append(feat.flatten(2).transpose(1, 2) + self.level_embed[level])
             memory_pos.append(pos.unsqueeze(0).expand(feat.shape[0], -1, -1))
             shapes.append((h, w))
-        return {"mask_features": self.mask_features(outs[-1]), "memory": memory,
+        finest = outs[-1]
+        if self.mask_stride == 2:
+            finest = F.interpolate(finest, scale_factor=2, mode="bilinear", align_corners=False)
+        return {"mask_features": self.mask_features(finest), "memory": memory,
                 "memory_pos": memory_pos, "memory_shapes": shapes}

@@ -4,11 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from influencerformer.losses.weighted_terms import class_targets as soft_class_targets, loss_ce as soft_cross_entropy
 from influencerformer.losses.influencer import (
     mask_influencer_loss,
     ownership_weights,
-    soft_class_targets,
-    soft_cross_entropy,
     soft_dice_coverage,
 )
 

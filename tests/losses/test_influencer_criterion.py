@@ -167,7 +167,9 @@ def test_bad_class_id_and_unknown_form_raise():
 
 
 # ------------------------------------------------------------------------------ shared pixels (speed path)
-from influencerformer.losses import influencer_criterion as ic  # noqa: E402
+from influencerformer.losses import sampling as ic  # noqa: E402
+from influencerformer.losses import pair_kernel  # noqa: E402
+from influencerformer.losses.pair_kernel import pair_terms  # noqa: E402
 from influencerformer.losses.criterion import pad_targets  # noqa: E402
 from influencerformer.losses.sampling import point_sample, target_masks_at_prediction_grid  # noqa: E402
 
@@ -268,7 +270,7 @@ def test_targets_at_pixels_equal_point_sample_at_centres(tgt_spatial, every_pixe
 @pytest.mark.parametrize("chunk", [None, 2 * 20 * 3])  # None: one chunk; else 3 queries per chunk (3, 3, 1)
 def test_pair_terms_node_values_and_gradients(monkeypatch, with_index, chunk):
     if chunk is not None:
-        monkeypatch.setattr(ic, "_CPU_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(pair_kernel, "_CPU_CHUNK_ELEMENTS", chunk)
     gen = torch.Generator().manual_seed(3)
     masks = (3 * torch.randn(2, 7, 6, 7, generator=gen, dtype=torch.float64)).requires_grad_()
     masks.data[0, 0, 0, :3] = torch.tensor([-120.0, 60.0, 0.0], dtype=torch.float64)  # saturated logits
@@ -278,7 +280,7 @@ def test_pair_terms_node_values_and_gradients(monkeypatch, with_index, chunk):
     tgt1 = torch.cat([tgt, torch.ones(2, 1, p, dtype=torch.float64)], 1)
 
     def node(m):
-        return ic._PairTerms.apply(m.flatten(2), index, tgt1)
+        return pair_terms(m.flatten(2), index, tgt1)
 
     points = masks.flatten(2) if index is None else masks.flatten(2).gather(2, index[:, None].expand(-1, 7, -1))
     bce, dice = node(masks)
@@ -302,7 +304,7 @@ def test_pair_terms_node_half_precision_masks():
     masks = torch.randn(2, 5, 6, 7, generator=gen).bfloat16().requires_grad_()
     index = ic.sample_pixels(2, 20, 6, 7)
     tgt = torch.rand(2, 3, 20, generator=gen).round()
-    bce, dice = ic._PairTerms.apply(masks.flatten(2), index, torch.cat([tgt, torch.ones(2, 1, 20)], 1))
+    bce, dice = pair_terms(masks.flatten(2), index, torch.cat([tgt, torch.ones(2, 1, 20)], 1))
     assert bce.dtype == dice.dtype == torch.float32
     (bce.sum() + dice.sum()).backward()
     assert masks.grad.dtype == torch.bfloat16 and torch.isfinite(masks.grad).all()

@@ -30,12 +30,13 @@ def test_forward_shapes_every_preset(name):
     cfg = MaskFormerConfig.preset(name, **SMALL)
     model = MaskFormer(cfg).eval()
     out = model(torch.rand(2, 3, 64, 96))
-    q, c = cfg.num_queries, cfg.num_classes
+    q, c, s = cfg.num_queries, cfg.num_classes, cfg.mask_stride
+    grid = (64 // s, 96 // s)
     assert out["pred_logits"].shape == (2, q, c + 1)
-    assert out["pred_masks"].shape == (2, q, 16, 24)
+    assert out["pred_masks"].shape == (2, q, *grid)
     assert len(out["aux_outputs"]) == cfg.num_decoder_layers
     for aux in out["aux_outputs"]:
-        assert aux["pred_logits"].shape == (2, q, c + 1) and aux["pred_masks"].shape == (2, q, 16, 24)
+        assert aux["pred_logits"].shape == (2, q, c + 1) and aux["pred_masks"].shape == (2, q, *grid)
     assert torch.isfinite(out["pred_masks"]).all()
 
 
@@ -210,3 +211,12 @@ def test_sine_position_embedding_known_values():
     torch.testing.assert_close(pos[1 * 3 + 2], torch.tensor(expected), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="divisible by 4, got 6"):
         sine_position_embedding(2, 2, 6)
+
+
+def test_mask_stride_2_doubles_the_mask_grid_and_rejects_other_strides():
+    torch.manual_seed(0)
+    out4 = MaskFormer(MaskFormerConfig.preset("tiny")).eval()(torch.rand(1, 3, 64, 64))
+    out2 = MaskFormer(MaskFormerConfig.preset("tiny", mask_stride=2)).eval()(torch.rand(1, 3, 64, 64))
+    assert out4["pred_masks"].shape[-2:] == (16, 16) and out2["pred_masks"].shape[-2:] == (32, 32)
+    with pytest.raises(ValueError, match="mask_stride must be 2 or 4"):
+        MaskFormerConfig.preset("tiny", mask_stride=8)
