@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -336,13 +337,91 @@ def validate(cfg: Config) -> None:
     low_high = cfg.data.points_per_room
     if len(low_high) != 2 or not all(isinstance(v, int) for v in low_high) or not 1 <= low_high[0] <= low_high[1]:
         raise ConfigError(f"data.points_per_room must be [low, high] with 1 ≤ low ≤ high, got {low_high}")
-    positive = {"data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps,
-                "train.grad_accum": cfg.train.grad_accum, "train.log_every": cfg.train.log_every}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be ≥ 1, got {value}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    for key, (low, high, low_open, high_open) in RANGES.items():
+        section, name = key.split(".")
+        _check_range(key, getattr(getattr(cfg, section), name), low, high, low_open, high_open)
+    for key, value in cfg.criterion.kwargs.items():
+        _check_criterion_kwarg(cfg.criterion.name, key, value)
+    _check_model(cfg)
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+# every numeric field: (low, high, low excluded, high excluded); None = unbounded. Optional fields may be null.
+RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "data.num_train": (1, None, False, False), "data.num_val": (1, None, False, False),
+    "data.num_points": (1, None, False, False), "data.image_size": (1, None, False, False),
+    "data.batch_size": (1, None, False, False), "data.workers": (0, None, False, False),
+    "data.seed": (0, SEED_MAX, False, False),
+    "optim.lr": (0, None, True, False), "optim.weight_decay": (0, None, False, False),
+    "optim.beta1": (0, 1, False, True), "optim.beta2": (0, 1, False, True),
+    "optim.warmup_steps": (0, None, False, False), "optim.poly_power": (0, None, True, False),
+    "optim.min_lr_ratio": (0, 1, False, False), "optim.clip": (0, None, False, False),
+    "train.steps": (1, None, False, False), "train.eval_every": (0, None, False, False),
+    "train.checkpoint_every": (0, None, False, False), "train.keep_checkpoints": (0, None, False, False),
+    "train.grad_accum": (1, None, False, False), "train.seed": (0, SEED_MAX, False, False),
+    "train.log_every": (1, None, False, False), "train.eval_topk": (1, None, False, False),
+    "train.probe_images": (0, None, False, False),
+}
+
+
+def _check_range(key: str, value: Any, low: float | None, high: float | None, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    """ConfigError naming ``key`` unless ``value`` is None or a finite number in the range."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be finite, got {value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
+        lo = "" if low is None else f"{low} {'<' if low_open else '≤'} "
+        hi = "" if high is None else f" {'<' if high_open else '≤'} {high}"
+        raise ConfigError(f"{key} must be {lo}{key.split('.')[1]}{hi}, got {value}")
+
+
+def _check_criterion_kwarg(name: str, key: str, value: Any) -> None:
+    """Numbers among the criterion's keyword arguments: finite, and weights / temperatures not negative.
+    A string where the constructor's default is a number ("nan" is a string in YAML) must parse as one."""
+    default = _criterion_default(name, key)
+    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+        raise ConfigError(f"criterion.{key} must be a number, got {value!r} (YAML spells NaN .nan, and it is "
+                          "rejected anyway)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not math.isfinite(value):
+        raise ConfigError(f"criterion.{key} must be finite, got {value}")
+    if value < 0 and any(word in key for word in ("weight", "epsilon", "temperature", "margin", "ratio",
+                                                  "num_", "iterations", "threshold")):
+        raise ConfigError(f"criterion.{key} must be ≥ 0, got {value}")
+
+
+def _criterion_default(name: str, key: str) -> Any:
+    try:
+        cls = _criterion_class(name)
+    except ImportError:
+        return None
+    if cls is None:
+        return None
+    param = inspect.signature(cls.__init__).parameters.get(key)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def _check_model(cfg: Config) -> None:
+    """The model preset + overrides form a valid model config (checked now, not after the data is built)."""
+    try:
+        from influencerformer.models import MaskFormerConfig, PointModelConfig
+    except ImportError:
+        return
+    for key, value in cfg.model.overrides.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"model.{key} must be finite, got {value}")
+    config_cls = PointModelConfig if is_point_data(cfg.data) else MaskFormerConfig
+    try:
+        config_cls.preset(cfg.model.preset, **{**cfg.model.overrides, "num_classes": 1})
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model: {exc}") from None
 
 
 def copy_config(cfg: Config, **section_updates: dict[str, Any]) -> Config:

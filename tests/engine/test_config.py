@@ -128,3 +128,43 @@ def test_compare_runs_keep_the_kwargs_their_criterion_accepts(tmp_path):
     hungarian, influencer = (run_config(cfg, name, 0, tmp_path) for name in ("hungarian", "influencer"))
     assert hungarian.criterion.kwargs == {"num_points": 64}
     assert influencer.criterion.kwargs == {"num_points": 64, "epsilon": 0.05}
+
+
+# ------------------------------------------------------------------- numbers checked at load time (issue 16)
+
+
+@pytest.mark.parametrize("item, words", [
+    ("train.eval_topk=0", "train.eval_topk must be 1 ≤ eval_topk, got 0"),
+    ("optim.lr=nan", "optim.lr must be finite, got nan"),
+    ("optim.lr=.inf", "optim.lr must be finite, got inf"),
+    ("optim.lr=1e999", "optim.lr must be finite, got inf"),
+    ("optim.lr=0", "optim.lr must be 0 < lr, got 0"),
+    ("optim.beta2=1", "optim.beta2 must be 0 ≤ beta2 < 1, got 1"),
+    ("optim.min_lr_ratio=2", "optim.min_lr_ratio must be 0 ≤ min_lr_ratio ≤ 1"),
+    ("optim.clip=-1", "optim.clip must be 0 ≤ clip, got -1"),
+    ("optim.weight_decay=.nan", "optim.weight_decay must be finite"),
+    ("train.seed=-1", "train.seed must be 0 ≤ seed ≤ 4294967295, got -1"),
+    ("train.eval_every=-5", "train.eval_every must be 0 ≤ eval_every"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints must be 0 ≤ keep_checkpoints"),
+    ("data.num_val=0", "data.num_val must be 1 ≤ num_val, got 0"),
+    ("data.workers=-2", "data.workers must be 0 ≤ workers"),
+    ("criterion.no_object_weight=-1", "criterion.no_object_weight must be ≥ 0, got -1"),
+    ("criterion.no_object_weight=nan", "criterion.no_object_weight must be a number, got 'nan'"),
+    ("criterion.no_object_weight=.nan", "criterion.no_object_weight must be finite, got nan"),
+    ("model.num_queries=0", "model:"),
+    ("model.dropout=.nan", "model.dropout must be finite"),
+])
+def test_every_number_is_checked_at_load_time(item, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [item])
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_numbers_in_a_yaml_file_are_checked_too(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match="optim.lr must be finite"):
+        load_config(path)
+    path.write_text("criterion:\n  name: influencer\n  kwargs:\n    epsilon: -0.1\n")
+    with pytest.raises(ConfigError, match="criterion.epsilon must be ≥ 0"):
+        load_config(path)
