@@ -41,7 +41,8 @@ from .distributed import pick_device
 from .evaluate import SCORE_THRESHOLD, draw_instances, load_trained, predict_instances
 from .plots import plot_curves, plot_masks, plot_point_masks
 from .points import draw_point_instances, point_owner, predict_scene
-from .report import SeedSpread, report_markdown, steps_to_fraction, summarize_runs
+from .report import (AP_DOC_2D, AP_DOC_3D, SeedSpread, curves_title, report_markdown, setup_lines,
+                     steps_to_fraction, summarize_runs)
 from .train import TIMING_WARMUP, train
 
 __all__ = ["SeedSpread", "Variant", "compare", "parse_variant", "run_config", "steps_to_fraction", "summarize_runs"]
@@ -268,7 +269,7 @@ def compare(cfg: Config, criteria: Sequence[str | Variant], seeds: Sequence[int]
         build_criterion(run_cfg, 2)
     sizes = split_sizes(cfg)
     device = pick_device(cfg.train.device)
-    setup = setup_lines(cfg, variants, sizes, device)
+    setup = setup_lines(cfg, [v.describe() for v in variants], sizes, device, num_cores())
     print(f"compare: {len(variants)} criteria × {len(seeds)} seed(s) = {len(plan)} runs of {cfg.train.steps} steps",
           *setup, f"- each run's full config and console output: {out / 'runs'}/<criterion>_seed<seed>/"
           "config.yaml, console.log", sep="\n", flush=True)
@@ -320,13 +321,6 @@ def _json_safe(obj: Any) -> Any:
 # ------------------------------------------------------------------------------------------- setup
 
 
-AP_DOC_2D = ("- AP / AP50 / AP75: COCO mask AP on the val split, Mask2Former instance inference without NMS, "
-             "top-100 per image.")
-AP_DOC_3D = ("- AP / AP50 / AP25: ScanNet-protocol 3D instance AP on every point of the val scenes (AP over IoU "
-             "0.50:0.05:0.90; regions under 100 points not evaluated), Mask2Former instance inference without NMS, "
-             "top-100 per scene.")
-
-
 def _dataset_size(dataset: Any) -> tuple[int, int]:
     """(items used, items in the split): a split truncated to its first N items is a Subset somewhere inside."""
     inner = dataset
@@ -342,53 +336,6 @@ def _dataset_size(dataset: Any) -> tuple[int, int]:
 def split_sizes(cfg: Config) -> dict[str, tuple[int, int]]:
     """``{"train": (used, of), "val": (used, of)}``: the item counts the runs will really use."""
     return {split: _dataset_size(build_dataset(cfg.data, split)[0]) for split in ("train", "val")}
-
-
-def _count(sizes: dict[str, tuple[int, int]], split: str, unit: str) -> str:
-    used, total = sizes[split]
-    return f"{split} {used} of {total} {unit}" if used < total else f"{split} {used} {unit}"
-
-
-def data_line(cfg: Config, sizes: dict[str, tuple[int, int]]) -> str:
-    """What data the runs used, with counts (and "val 100 of 5000 images" when data.num_val truncates)."""
-    d, t = cfg.data, cfg.train
-    where = {"shapes2d": f"preset {d.preset}, data seed {d.seed}", "rooms3d": f"data seed {d.seed}, "
-             f"{d.points_per_room[0]}–{d.points_per_room[1]} points per room"}.get(d.name, f"root {d.root}")
-    batch = f"batch {d.batch_size} × accumulation {t.grad_accum}"
-    if is_point_data(d):
-        sampled = f"{d.num_points} points sampled per training scene" if d.num_points else "every point in training"
-        return (f"- data: {d.name} ({where}): {_count(sizes, 'train', 'scenes')}, {_count(sizes, 'val', 'scenes')}; "
-                f"{sampled}, every point at evaluation; {batch}")
-    size = f"images resized to {d.image_size}" if d.image_size else "native image size"
-    return (f"- data: {d.name} ({where}): {_count(sizes, 'train', 'images')}, {_count(sizes, 'val', 'images')}; "
-            f"{size}; {batch}")
-
-
-def setup_lines(cfg: Config, variants: Sequence[Variant], sizes: dict[str, tuple[int, int]],
-                device: torch.device) -> list[str]:
-    """The report's setup section (and the console's summary at the start)."""
-    m, o, t = cfg.model, cfg.optim, cfg.train
-    shared = ", ".join(f"{k}={v}" for k, v in cfg.criterion.kwargs.items()) or "none"
-    return [
-        data_line(cfg, sizes),
-        f"- model: preset {m.preset}, overrides {m.overrides or 'none'}",
-        f"- criteria: {'; '.join(v.describe() for v in variants)}; config kwargs (each criterion keeps those it "
-        f"accepts): {shared}",
-        f"- optimiser: AdamW lr {o.lr}, weight decay {o.weight_decay}, {o.warmup_steps} warm-up steps + {o.schedule}, "
-        f"clip {o.clip}; {t.steps} steps, eval every {t.eval_every}, amp {t.amp}",
-        f"- machine: device {device} (train.device={t.device}), {torch.get_num_threads()} torch CPU threads, "
-        f"{num_cores()} cores",
-    ]
-
-
-def curves_title(cfg: Config, sizes: dict[str, tuple[int, int]], seeds: Sequence[int]) -> str:
-    d = cfg.data
-    what = f"{d.name} preset {d.preset}" if d.name == "shapes2d" else d.name
-    unit = "scenes" if is_point_data(d) else "images"
-    seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else \
-        f"seeds {', '.join(map(str, seeds))} (mean, band ± 1 sd over seeds)"
-    return (f"{what} ({sizes['train'][0]} train / {sizes['val'][0]} val {unit}), {cfg.train.steps} steps, "
-            f"{seeds_text}")
 
 
 # ------------------------------------------------------------------------------------------- masks.png

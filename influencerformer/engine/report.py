@@ -1,7 +1,7 @@
 """report.md of a comparison: the table (mean ± sd over seeds), the verdict, the machine load, the setup.
 
 Pure functions of the runs' results (dicts as :func:`~influencerformer.engine.train.train` returns them, with
-compare's additions); no training, no data, no plotting here.
+compare's additions), the config and the split sizes; no training, no data loading, no plotting here.
 
 Verdict rule (several seeds): for each variant against the first one, per metric, the difference of the
 means is a **tie** when ``|diff| ≤ pooled sd`` (the pooled standard deviation of both variants' seeds,
@@ -15,6 +15,10 @@ import math
 import statistics
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+import torch
+
+from .config import Config, is_point_data
 
 TABLE = [  # (results key, column title, format); "±" cells are mean ± sd over seeds
     ("AP", "AP", "{:.3f}"), ("AP50", "AP50", "{:.3f}"), ("AP75", "AP75", "{:.3f}"), ("AP25", "AP25", "{:.3f}"),
@@ -210,6 +214,63 @@ def load_lines(runs: list[dict[str, Any]], cores: int | None) -> list[str]:
     return [f"Timings: medians per step. **The machine was loaded** (1-minute load average above its {cores} cores) "
             f"during {which}: those step and loss times include waiting for other work; compare speed only from "
             f"runs on an idle machine."]
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+AP_DOC_2D = ("- AP / AP50 / AP75: COCO mask AP on the val split, Mask2Former instance inference without NMS, "
+             "top-100 per image.")
+AP_DOC_3D = ("- AP / AP50 / AP25: ScanNet-protocol 3D instance AP on every point of the val scenes (AP over IoU "
+             "0.50:0.05:0.90; regions under 100 points not evaluated), Mask2Former instance inference without NMS, "
+             "top-100 per scene.")
+
+
+def _count(sizes: dict[str, tuple[int, int]], split: str, unit: str) -> str:
+    used, total = sizes[split]
+    return f"{split} {used} of {total} {unit}" if used < total else f"{split} {used} {unit}"
+
+
+def data_line(cfg: Config, sizes: dict[str, tuple[int, int]]) -> str:
+    """What data the runs used, with counts (and "val 100 of 5000 images" when data.num_val truncates)."""
+    d, t = cfg.data, cfg.train
+    where = {"shapes2d": f"preset {d.preset}, data seed {d.seed}", "rooms3d": f"data seed {d.seed}, "
+             f"{d.points_per_room[0]}–{d.points_per_room[1]} points per room"}.get(d.name, f"root {d.root}")
+    batch = f"batch {d.batch_size} × accumulation {t.grad_accum}"
+    if is_point_data(d):
+        sampled = f"{d.num_points} points sampled per training scene" if d.num_points else "every point in training"
+        return (f"- data: {d.name} ({where}): {_count(sizes, 'train', 'scenes')}, {_count(sizes, 'val', 'scenes')}; "
+                f"{sampled}, every point at evaluation; {batch}")
+    size = f"images resized to {d.image_size}" if d.image_size else "native image size"
+    return (f"- data: {d.name} ({where}): {_count(sizes, 'train', 'images')}, {_count(sizes, 'val', 'images')}; "
+            f"{size}; {batch}")
+
+
+def setup_lines(cfg: Config, variants: Sequence[str], sizes: dict[str, tuple[int, int]], device: Any,
+                cores: int) -> list[str]:
+    """The report's setup section (and the console's summary at the start); ``variants``: their descriptions."""
+    m, o, t = cfg.model, cfg.optim, cfg.train
+    shared = ", ".join(f"{k}={v}" for k, v in cfg.criterion.kwargs.items()) or "none"
+    return [
+        data_line(cfg, sizes),
+        f"- model: preset {m.preset}, overrides {m.overrides or 'none'}",
+        f"- criteria: {'; '.join(variants)}; config kwargs (each criterion keeps those it "
+        f"accepts): {shared}",
+        f"- optimiser: AdamW lr {o.lr}, weight decay {o.weight_decay}, {o.warmup_steps} warm-up steps + {o.schedule}, "
+        f"clip {o.clip}; {t.steps} steps, eval every {t.eval_every}, amp {t.amp}",
+        f"- machine: device {device} (train.device={t.device}), {torch.get_num_threads()} torch CPU threads, "
+        f"{cores} cores",
+    ]
+
+
+def curves_title(cfg: Config, sizes: dict[str, tuple[int, int]], seeds: Sequence[int]) -> str:
+    d = cfg.data
+    what = f"{d.name} preset {d.preset}" if d.name == "shapes2d" else d.name
+    unit = "scenes" if is_point_data(d) else "images"
+    seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else \
+        f"seeds {', '.join(map(str, seeds))} (mean, band ± 1 sd over seeds)"
+    return (f"{what} ({sizes['train'][0]} train / {sizes['val'][0]} val {unit}), {cfg.train.steps} steps, "
+            f"{seeds_text}")
 
 
 # ------------------------------------------------------------------------------------------------ report

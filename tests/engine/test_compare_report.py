@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from influencerformer import cli
-from influencerformer.engine.compare import LoadMonitor, _Console, data_line, split_sizes
+from influencerformer.engine.compare import LoadMonitor, _Console, split_sizes
 from influencerformer.engine.config import load_config
 from influencerformer.engine.plots import band, ema, plot_curves, spread_labels
-from influencerformer.engine.report import (SeedSpread, describe, judge, load_lines, pooled_sd, report_markdown,
+from influencerformer.engine.report import (SeedSpread, data_line, describe, judge, load_lines, pooled_sd, report_markdown,
                                             summarize_runs, verdict_lines)
 
 
