@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import http.client
 import json
+import math
 import os
 import re
 import shutil
@@ -377,6 +378,17 @@ def _install(archive: Archive, root: Path, base: str, *, keep_archive: bool, ver
     return {"archive": archive.name, "status": status, "bytes": transferred}
 
 
+def _check_folder(root: Path) -> None:
+    """ValueError (one line) unless ``root`` is or can become a writable folder: checked before any transfer."""
+    for folder in (root, *root.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"--root {root}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ValueError(f"--root {root}: {folder} is not writable")
+            return
+
+
 def download_coco(root: str | os.PathLike, *, splits: Sequence[str] = ("val2017",), annotations_only: bool = False,
                   mirror: str | None = None, keep_archives: bool = True, verify_md5: bool = True,
                   timeout: float = 60.0, retries: int = 3, progress: bool = True) -> list[dict]:
@@ -398,6 +410,11 @@ def download_coco(root: str | os.PathLike, *, splits: Sequence[str] = ("val2017"
     """
     root = Path(root)
     splits = (splits,) if isinstance(splits, str) else tuple(splits)  # "val2017" is one split, not 7 letters
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ValueError(f"retries must be an integer ≥ 0 (resumed attempts after the first), got {retries!r}")
+    if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    _check_folder(root)
     archives = _coco_archives(splits, annotations_only)
     base = coco_base_url(mirror)
     root.mkdir(parents=True, exist_ok=True)

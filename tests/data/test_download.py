@@ -290,3 +290,25 @@ def test_the_real_coco_table_and_default_host(monkeypatch):
     monkeypatch.delenv(dl.MIRROR_ENV, raising=False)
     assert dl.coco_base_url() == "http://images.cocodataset.org"
     assert dl.coco_base_url("https://mirror.example/coco/") == "https://mirror.example/coco"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--retries", "-1"], "retries must be an integer ≥ 0"),
+    (["--timeout", "-5"], "timeout must be a finite number of seconds > 0, got -5.0"),
+    (["--timeout", "nan"], "timeout must be a finite number"),
+])
+def test_cli_bad_retries_and_timeout_are_one_line_before_any_request(tmp_path, capsys, extra, words):
+    status = _cli(["download", "coco", "--root", str(tmp_path / "coco"), "--mirror", _dead_url(), "--no-progress",
+                   *extra])
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.strip().splitlines()) == 1 and words in err
+    assert not (tmp_path / "coco").exists()  # nothing made before the arguments were checked
+
+
+def test_cli_root_that_is_a_file_is_one_line_before_any_request(tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    for root in (tmp_path / "file", tmp_path / "file" / "coco"):
+        assert _cli(["download", "coco", "--root", str(root), "--mirror", _dead_url(), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "is a file, not a folder" in err
+    assert (tmp_path / "file").read_text() == "mine"
