@@ -133,7 +133,7 @@ def test_parse_variant():
     (["hungarian", Variant("x", "nope")], "unknown criterion 'nope'"),
     (["hungarian", Variant("a/b", "transport")], "variant name 'a/b'"),
     (["transport", Variant("transport", "transport", {"epsilon": 1})], "distinct names"),
-    (["hungarian", Variant("x", "transport", {"epsilon": "big"})], "criterion 'transport'"),
+    (["hungarian", Variant("x", "transport", {"epsilon": "big"})], "epsilon"),  # a bad value, before training
 ])
 def test_bad_variants_fail_before_training(tmp_path, variants, message):
     cfg = load_config(None, TINY)
