@@ -131,6 +131,9 @@ def _compare_parser(sub: Any) -> None:
     p.add_argument("--out", metavar="DIR", default="runs/compare", help="report folder")
     p.add_argument("--resume", action="store_true",
                    help="continue each run from its latest checkpoint in --out/runs (finished runs are reused)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the runs already in --out/runs (without it, and without --resume, compare refuses "
+                        "before training anything)")
 
 
 def _bench_parser(sub: Any) -> None:
@@ -313,7 +316,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     criteria = list(args.criteria) + [v.criterion for v in variants]  # criterion.* keys valid for any of them
     cfg = load_config(args.config, _overrides(args, out=None), criteria=criteria)
     results = compare(cfg, list(args.criteria) + variants, args.seeds, args.out, num_images=args.num_images,
-                      resume=args.resume, seed_spread=spread)
+                      resume=args.resume, overwrite=args.overwrite, seed_spread=spread)
     report = (Path(args.out) / "report.md").read_text()
     print(report.split("\n## Columns")[0].rstrip())  # the column glossary stays in the file
     print(f"wrote {args.out}/report.md, results.json, curves.png, masks.png ({len(results['runs'])} runs)")

@@ -43,7 +43,7 @@ from .plots import plot_curves, plot_masks, plot_point_masks
 from .points import draw_point_instances, point_owner, predict_scene
 from .report import (AP_DOC_2D, AP_DOC_3D, SeedSpread, curves_title, report_markdown, setup_lines,
                      steps_to_fraction, summarize_runs)
-from .train import TIMING_WARMUP, train
+from .train import TIMING_WARMUP, check_run_dir, train
 
 __all__ = ["SeedSpread", "Variant", "compare", "parse_variant", "run_config", "steps_to_fraction", "summarize_runs"]
 
@@ -190,7 +190,8 @@ def _duration(seconds: float) -> str:
 # ------------------------------------------------------------------------------------------- one run
 
 
-def _train_one(run_cfg: Config, resume: bool, load_interval: float) -> tuple[dict[str, Any], list[float]]:
+def _train_one(run_cfg: Config, resume: bool, overwrite: bool,
+               load_interval: float) -> tuple[dict[str, Any], list[float]]:
     """Train one run with its console output logged and the machine load sampled (kept in load.json)."""
     run_dir = Path(run_cfg.train.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,7 @@ def _train_one(run_cfg: Config, resume: bool, load_interval: float) -> tuple[dic
     earlier = json.loads(load_file.read_text())["samples"] if resume and load_file.is_file() else []
     with (run_dir / "console.log").open("a" if resume else "w") as log, LoadMonitor(load_interval) as load:
         with redirect_stdout(_Console(sys.stdout, log)):
-            result = train(run_cfg, resume=resume)
+            result = train(run_cfg, resume=resume, overwrite=overwrite)
     samples = earlier + load.samples  # a resumed run: its earlier parts count too
     load_file.write_text(json.dumps({"cores": num_cores(), "samples": samples}))
     return result, samples
@@ -248,13 +249,15 @@ def finish_run(result: dict[str, Any], variant: Variant, load: Sequence[float]) 
 
 
 def compare(cfg: Config, criteria: Sequence[str | Variant], seeds: Sequence[int], out_dir: str | Path,
-            *, num_images: int = 4, resume: bool = False, seed_spread: SeedSpread | None = None,
-            load_interval: float = LOAD_INTERVAL) -> dict[str, Any]:
+            *, num_images: int = 4, resume: bool = False, overwrite: bool = False,
+            seed_spread: SeedSpread | None = None, load_interval: float = LOAD_INTERVAL) -> dict[str, Any]:
     """Train every (seed, variant) pair from ``cfg`` and write the report; returns results.json's content.
 
     criteria: registered criterion names and/or :class:`Variant` s, the first is the verdict's baseline.
     resume: continue each run from its latest checkpoint (finished runs are not retrained), so an
     interrupted comparison picks up where it stopped.
+    overwrite: replace the runs already in ``out_dir/runs``; without it (or resume), an earlier run there is an
+    error before anything trains.
     seed_spread: with one seed, a committed multi-seed AP spread for the verdict line to quote.
     """
     out = Path(out_dir)
@@ -264,16 +267,17 @@ def compare(cfg: Config, criteria: Sequence[str | Variant], seeds: Sequence[int]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be distinct, got {list(seeds)}")
     plan = [(v, seed, run_config(cfg, v, seed, out)) for seed in seeds for v in variants]
-    for _, _, run_cfg in plan:  # fail on a bad name or keyword before hours of training, not after
+    for _, _, run_cfg in plan:  # fail on a bad name, keyword or folder before hours of training, not after
         validate(run_cfg)
         build_criterion(run_cfg, 2)
+        check_run_dir(run_cfg.train.out_dir, resume=resume, overwrite=overwrite)
     sizes = split_sizes(cfg)
     device = pick_device(cfg.train.device)
     setup = setup_lines(cfg, [v.describe() for v in variants], sizes, device, num_cores())
     print(f"compare: {len(variants)} criteria × {len(seeds)} seed(s) = {len(plan)} runs of {cfg.train.steps} steps",
           *setup, f"- each run's full config and console output: {out / 'runs'}/<criterion>_seed<seed>/"
           "config.yaml, console.log", sep="\n", flush=True)
-    runs = _train_all(plan, resume, load_interval)
+    runs = _train_all(plan, resume, overwrite, load_interval)
     names = [v.name for v in variants]
     results = {"runs": runs, "summary": summarize_runs(runs, names),
                "variants": [{"name": v.name, "criterion": v.criterion, "kwargs": v.kwargs} for v in variants],
@@ -291,7 +295,8 @@ def compare(cfg: Config, criteria: Sequence[str | Variant], seeds: Sequence[int]
     return results
 
 
-def _train_all(plan: list[tuple[Variant, int, Config]], resume: bool, load_interval: float) -> list[dict[str, Any]]:
+def _train_all(plan: list[tuple[Variant, int, Config]], resume: bool, overwrite: bool,
+               load_interval: float) -> list[dict[str, Any]]:
     """Every run in order, with "run i/n: variant seed s" and an ETA from the seconds per step so far."""
     starts = [max((s for s, _ in list_checkpoints(c.train.out_dir)), default=0) if resume else 0 for _, _, c in plan]
     todo = [max(0, c.train.steps - start) for (_, _, c), start in zip(plan, starts)]
@@ -300,7 +305,7 @@ def _train_all(plan: list[tuple[Variant, int, Config]], resume: bool, load_inter
         eta = f"ETA {_duration(spent / trained * sum(todo[i:]))}" if trained else "ETA after this run"
         print(f"run {i + 1}/{len(plan)}: {variant.name} seed {seed} ({_duration(spent)} so far, {eta})", flush=True)
         t0 = time.perf_counter()
-        result, load = _train_one(run_cfg, resume, load_interval)
+        result, load = _train_one(run_cfg, resume, overwrite, load_interval)
         spent, trained = spent + time.perf_counter() - t0, trained + todo[i]
         runs.append(finish_run(result, variant, load))
     print(f"{len(plan)} runs done in {_duration(spent)}", flush=True)

@@ -73,6 +73,9 @@ def test_compare_writes_a_complete_sane_report(tmp_path, capsys):
     for title in ("steps to 90% AP", "PQ", "assign. ms/step", "max load"):
         assert (f"| {title} |" in header) == (f"- {title}:" in columns), title
     assert ("Timings: medians per step" in report) and ("max load" in report)
+    # an earlier comparison in the folder is never replaced silently: an error before anything trains
+    with pytest.raises(ConfigError, match="already holds a run.*--overwrite"):
+        compare(cfg, ["hungarian", "influencer"], [0, 1], tmp_path, num_images=2)
     # an interrupted comparison resumes: finished runs are reused, not retrained
     again = compare(cfg, ["hungarian", "influencer"], [0, 1], tmp_path, num_images=2, resume=True)
     assert [r["AP"] for r in again["runs"]] == [r["AP"] for r in results["runs"]]
@@ -115,6 +118,9 @@ def test_variants_run_one_criterion_with_different_options_side_by_side(tmp_path
     assert "| eps05 |" in report and "eps05 = transport with epsilon=0.05, sinkhorn_iters=5" in report
     assert "one seed, so the seed spread of this comparison is unknown" in report
     assert "committed multi-seed AP sd is 0.011 (docs/results.md §1, 3 seeds)" in report
+    again = compare(cfg, variants, [0], tmp_path, num_images=1, overwrite=True)  # replaces the earlier runs
+    assert [r["steps"] for r in again["runs"]] == [2, 2]
+    assert not list(runs_dir.glob("*/.replaced-*"))  # set aside, then deleted at the first new checkpoint
 
 
 def test_parse_variant():

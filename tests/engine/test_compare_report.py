@@ -160,3 +160,13 @@ def test_compare_help_documents_variants(capsys):
     assert cli.main(["compare", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--variant NAME=CRITERION[,KEY=VALUE...]" in text and "--variant eps05=transport,epsilon=0.05" in text
+
+
+def test_compare_cli_refuses_an_earlier_run_before_training(tmp_path, capsys):
+    earlier = tmp_path / "cmp" / "runs" / "hungarian_seed0"
+    earlier.mkdir(parents=True)
+    (earlier / "config.yaml").write_text("data: {}\n")
+    assert cli.main(["compare", "--criteria", "hungarian", "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and "run 1/" not in err
+    assert sorted(p.name for p in earlier.iterdir()) == ["config.yaml"]
