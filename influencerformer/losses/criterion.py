@@ -23,6 +23,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from .assignment import Indices, linear_sum_assignment_batched
 from .timing import SectionTimer
+from .weighted_terms import loss_ce
 from .mask_losses import (
     brier_loss,
     dice_loss,
@@ -350,6 +351,12 @@ class HungarianCriterion(SetCriterion):
     location of the prediction grid for both (exact, deterministic); point-cloud masks ``(B, Q, P)`` always use
     every point. Under one seed the random draws equal HF ``Mask2FormerLoss``'s, in the same order.
 
+    Levers (off by default; with them this is no longer the faithful port): ``aux_multiplicity = m > 1`` matches
+    auxiliary layers against every target repeated ``min(m, Q // K)`` times (H-DETR's one-to-many, on the same
+    queries; the final layer stays one-to-one), mask terms normalised by the number of repeated targets;
+    ``quality_targets`` makes a matched query's class target its mask's dice with the instance (the rest on
+    "no object"), as ``MaskInfluencerCriterion(quality_targets=True)`` does.
+
     After each call ``last_indices`` holds the final layer's matching (list per image of ``(query_idx,
     instance_idx)``) and ``last_layer_indices`` every layer's (final first, then aux layers in order).
     """
@@ -367,7 +374,11 @@ class HungarianCriterion(SetCriterion):
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         assignment_backend: str = "auto",
+        aux_multiplicity: int = 1,
+        quality_targets: bool = False,
     ) -> None:
+        if not (isinstance(aux_multiplicity, int) and aux_multiplicity >= 1):
+            raise ValueError(f"aux_multiplicity must be an int >= 1, got {aux_multiplicity!r}")
         weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
         super().__init__(num_classes, weights, no_object_weight=no_object_weight, num_points=num_points,
                          oversample_ratio=oversample_ratio, importance_sample_ratio=importance_sample_ratio)
@@ -375,6 +386,7 @@ class HungarianCriterion(SetCriterion):
             raise ValueError(f"mask_loss: expected one of {sorted(_MASK_LOSSES)}, got {mask_loss!r}")
         self.mask_loss = mask_loss
         self.assignment_backend = assignment_backend
+        self.aux_multiplicity, self.quality_targets = aux_multiplicity, bool(quality_targets)
         self.last_indices: list[Indices] | None = None
         self.last_layer_indices: list[list[Indices]] | None = None
 
@@ -387,21 +399,28 @@ class HungarianCriterion(SetCriterion):
         logits, masks = layers[0]
         padded = pad_targets(targets, logits.device)
         grid_targets = self._targets_on_grid(padded, masks)
-        matcher_coords, loss_draws = self._draw_random(len(layers), padded.sizes, masks)
+        repeats = self._repeats(len(layers), padded.sizes, logits.shape[1])
+        matcher_coords, loss_draws = self._draw_random(repeats, padded.sizes, masks)
         with self.assign_timer(masks.device):
             with torch.no_grad(), torch.autocast(masks.device.type, enabled=False):
                 costs = self.matching_costs(layers, padded, matcher_coords, grid_targets)
-            num_queries = logits.shape[1]
-            flat = linear_sum_assignment_batched(
-                costs.flatten(0, 1), [(num_queries, k) for k in padded.sizes] * len(layers),
-                backend=self.assignment_backend,
-            )
-        per_layer = [flat[i * len(targets):(i + 1) * len(targets)] for i in range(len(layers))]
+                costs, shapes = _repeat_columns(costs, padded.sizes, repeats)
+            flat = linear_sum_assignment_batched(costs.flatten(0, 1), shapes, backend=self.assignment_backend)
+        batch = len(targets)  # aux layers' columns are repeated targets: column j is instance j mod K
+        per_layer = [[(rows, cols % max(k, 1)) for (rows, cols), k in zip(flat[i * batch:(i + 1) * batch], padded.sizes)]
+                     for i in range(len(layers))]
         self.last_layer_indices, self.last_indices = per_layer, per_layer[0]
+        total = max(sum(padded.sizes), 1)
         return [
-            {"indices": idx, "padded": padded, "grid_targets": grid_targets, "loss_draws": draws}
-            for idx, draws in zip(flat_indices(per_layer, logits.device), loss_draws)
+            {"indices": idx, "padded": padded, "grid_targets": grid_targets, "loss_draws": draws,
+             "mask_norm": sum(r * k for r, k in zip(reps, padded.sizes)) / total}
+            for idx, draws, reps in zip(flat_indices(per_layer, logits.device), loss_draws, repeats)
         ]
+
+    def _repeats(self, num_layers: int, sizes: list[int], num_queries: int) -> list[list[int]]:
+        """Copies of each image's targets per layer: 1 on the final layer, ``min(m, Q // K)`` (>= 1) on aux layers."""
+        aux = [max(1, min(self.aux_multiplicity, num_queries // max(k, 1))) for k in sizes]
+        return [[1] * len(sizes)] + [aux] * (num_layers - 1)
 
     def _targets_on_grid(self, padded: PaddedTargets, pred_masks: Tensor) -> Tensor | None:
         """Every-location targets ``(B, K_max, P)`` aligned with ``pred_masks.flatten(2)``; None when sampling."""
@@ -412,15 +431,17 @@ class HungarianCriterion(SetCriterion):
         flat = target_masks_at_prediction_grid(padded.masks.flatten(0, 1), tuple(pred_masks.shape[2:]))
         return flat.unflatten(0, tuple(padded.masks.shape[:2]))
 
-    def _draw_random(self, num_layers: int, sizes: list[int], pred_masks: Tensor):
+    def _draw_random(self, repeats: list[list[int]], sizes: list[int], pred_masks: Tensor):
         """All random coordinates of a call, drawn in HF/Mask2Former's order: per layer, B matcher draws
-        ``(1, P, 2)`` then the importance-sampling draws of its ``N = sum min(Q, K_i)`` matched masks."""
+        ``(1, P, 2)`` then the importance-sampling draws of its ``N = sum min(Q, r_i K_i)`` matched masks
+        (``r_i`` = copies of image i's targets on that layer, 1 unless ``aux_multiplicity`` > 1)."""
+        num_layers = len(repeats)
         if not self._sampled(pred_masks):
             return None, [None] * num_layers
         device, num_queries = pred_masks.device, pred_masks.shape[1]
-        num_matched = sum(min(num_queries, k) for k in sizes)
         matcher, loss = [], []
-        for _ in range(num_layers):
+        for reps in repeats:
+            num_matched = sum(min(num_queries, r * k) for r, k in zip(reps, sizes))
             matcher += [uniform_point_coords(1, self.num_points, device) for _ in sizes]
             loss.append(draw_uncertainty_random(num_matched, self.num_points, self.oversample_ratio,
                                                 self.importance_sample_ratio, device))
@@ -466,23 +487,39 @@ class HungarianCriterion(SetCriterion):
         padded: PaddedTargets | None = None,
         grid_targets: Tensor | None = None,
         loss_draws: tuple[Tensor, Tensor] | None = None,
+        mask_norm: float = 1.0,
     ) -> dict[str, Tensor]:
-        """``loss_ce``, ``loss_mask``, ``loss_dice`` of one layer; matches it first when called on its own."""
+        """``loss_ce``, ``loss_mask``, ``loss_dice`` of one layer; matches it first when called on its own.
+
+        ``mask_norm``: matched pairs per target on this layer (> 1 on one-to-many aux layers).
+        """
         if indices is None:
             context = self.layer_context([(pred_logits, pred_masks)], targets)[0]
             return self.layer_losses(pred_logits, pred_masks, targets, num_masks, **context)
-        return {
-            "loss_ce": self.loss_labels(pred_logits, padded, indices),
-            **self.loss_masks(pred_masks, padded, grid_targets, indices, num_masks, loss_draws),
-        }
+        masks = self.loss_masks(pred_masks, padded, grid_targets, indices, num_masks * mask_norm, loss_draws)
+        quality = masks.pop("quality")
+        return {"loss_ce": self.loss_labels(pred_logits, padded, indices, quality), **masks}
 
-    def loss_labels(self, pred_logits: Tensor, padded: PaddedTargets, indices: tuple[Tensor, ...]) -> Tensor:
-        """Weighted cross-entropy over all ``B * Q`` queries; unmatched queries target "no object"."""
+    def loss_labels(self, pred_logits: Tensor, padded: PaddedTargets, indices: tuple[Tensor, ...],
+                    quality: Tensor | None = None) -> Tensor:
+        """Weighted cross-entropy over all ``B * Q`` queries; unmatched queries target "no object".
+
+        ``quality (N,)`` (with ``quality_targets``): a matched query's target is ``quality`` on its instance's
+        class and the rest on "no object" (soft cross-entropy, the same normalisation).
+        """
         batch_idx, query_idx, inst_idx = indices
         target = torch.full(pred_logits.shape[:2], self.num_classes, dtype=torch.int64, device=pred_logits.device)
         target[batch_idx, query_idx] = padded.labels[batch_idx, inst_idx]
         weight = self.empty_weight.to(pred_logits.dtype)
-        return F.cross_entropy(pred_logits.transpose(1, 2), target, weight=weight)
+        if not self.quality_targets:
+            return F.cross_entropy(pred_logits.transpose(1, 2), target, weight=weight)
+        soft = F.one_hot(target, self.num_classes + 1).to(pred_logits.dtype if pred_logits.dtype == torch.float64
+                                                          else torch.float32)
+        if quality is not None and quality.numel():
+            q = quality.to(soft.dtype)
+            soft[batch_idx, query_idx] *= q.unsqueeze(-1)
+            soft[batch_idx, query_idx, -1] += 1 - q
+        return loss_ce(pred_logits, soft, self.empty_weight)
 
     def loss_masks(
         self,
@@ -497,7 +534,7 @@ class HungarianCriterion(SetCriterion):
         batch_idx, query_idx, inst_idx = indices
         if batch_idx.numel() == 0:  # no instance anywhere: zero, but still attached to the graph
             zero = pred_masks.sum() * 0.0 + 0.0  # "+ 0.0" turns a -0.0 into 0.0 for logs
-            return {"loss_mask": zero, "loss_dice": zero.clone()}
+            return {"loss_mask": zero, "loss_dice": zero.clone(), "quality": None}
         src = pred_masks[batch_idx, query_idx]  # (N, H, W) or (N, P)
         if self._sampled(pred_masks):
             with torch.no_grad():  # the coordinates are data, not a function of the parameters
@@ -508,7 +545,29 @@ class HungarianCriterion(SetCriterion):
         else:
             logits, labels = src.flatten(1), grid_targets[batch_idx, inst_idx]
         mask_fn = _MASK_LOSSES[self.mask_loss][1]
-        return {"loss_mask": mask_fn(logits, labels, num_masks), "loss_dice": dice_loss(logits, labels, num_masks)}
+        quality = None
+        if self.quality_targets:  # dice coefficient of each matched pair (Mask2Former's +1 smoothing), no grad
+            with torch.no_grad():
+                probs = logits.detach().float().sigmoid()
+                quality = (2 * (probs * labels).sum(-1) + 1) / (probs.sum(-1) + labels.sum(-1) + 1)
+        return {"loss_mask": mask_fn(logits, labels, num_masks), "loss_dice": dice_loss(logits, labels, num_masks),
+                "quality": quality}
+
+
+def _repeat_columns(costs: Tensor, sizes: list[int], repeats: list[list[int]]) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Costs ``(L, B, Q, K_max)`` with each layer's targets repeated ``repeats[l][b]`` times along the columns.
+
+    Returns the costs ``(L, B, Q, M)`` (column ``j`` of image ``b`` is instance ``j mod K_b``; the rest padding)
+    and the assignment shapes ``[(Q, r K_b)]`` in (layer, image) order.  Without repeats: the costs unchanged.
+    """
+    num_layers, batch, queries, k_max = costs.shape
+    shapes = [(queries, r * k) for reps in repeats for r, k in zip(reps, sizes)]
+    width = max([r * k for reps in repeats for r, k in zip(reps, sizes)] + [k_max])
+    if width == k_max:
+        return costs, shapes
+    cols = [torch.arange(width) % max(k, 1) for k in sizes]  # host: the sizes are host ints, no sync
+    index = torch.stack(cols).to(costs.device)[None, :, None, :].expand(num_layers, batch, queries, width)
+    return costs.gather(-1, index), shapes
 
 
 # mask_loss name -> (pairwise form for the matching cost, matched form for the loss)
