@@ -349,6 +349,10 @@ def _one_line(exc: BaseException) -> str:
         text = f"{exc.filename}: {exc.strerror}"
     else:
         text = str(exc) or type(exc).__name__
+    if "Original Traceback" in text:  # raised in a DataLoader worker: keep the original message, not its traceback
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].split(".")[-1].endswith(
+            ("Error", "Exception")) else last
     return " ".join(text.split())
 
 
@@ -359,11 +363,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help (0) and on bad usage (2): return it instead
         return int(exc.code or 0)
+    from influencerformer.data.errors import DataError
     from influencerformer.engine.train import NonFiniteLossError
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, OSError) as exc:  # bad input: config, data, paths, files (PIL's image errors included)
+    except (ConfigError, DataError, OSError) as exc:  # bad input: config, data, paths, files (PIL's image errors included)
         print(f"influencerformer {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:

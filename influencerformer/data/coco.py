@@ -21,6 +21,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from influencerformer.data.errors import DataError
 from influencerformer.data.transforms import pad_item, resize_longest
 
 # --------------------------------------------------------------------------- json loading
@@ -29,37 +30,54 @@ from influencerformer.data.transforms import pad_item, resize_longest
 def load_coco_json(ann_file: str | Path) -> dict:
     """Read and structurally validate a COCO instances json (images, annotations, categories).
 
-    Missing ``iscrowd`` defaults to 0; missing ``area`` / ``bbox`` are computed from the mask
-    (COCOeval needs both). Raises FileNotFoundError / ValueError naming the file and the problem.
+    Every annotation's segmentation is decoded to RLE once, so a bad polygon or RLE is found here, not when
+    its image is loaded mid-run. Missing ``iscrowd`` defaults to 0; missing ``area`` / ``bbox`` are computed
+    from the mask (COCOeval needs both). Raises FileNotFoundError / DataError naming the file and the problem
+    (the first one, with the count of the others: :func:`check_coco` lists them all).
     """
-    ann_file = Path(ann_file)
+    data, problems = _load_coco_json(Path(ann_file))
+    if problems:
+        more = f" (and {len(problems) - 1} more: `influencerformer check-data` lists them)" if len(problems) > 1 else ""
+        raise DataError(problems[0] + more)
+    return data
+
+
+def _load_coco_json(ann_file: Path) -> tuple[dict, list[str]]:
+    """(data, one line per bad annotation); a structural fault of the file raises DataError at once."""
     if not ann_file.is_file():
         raise FileNotFoundError(f"COCO annotation file {ann_file} not found")
     try:
         data = json.loads(ann_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{ann_file}: malformed json: {err}") from err
+        raise DataError(f"{ann_file}: malformed json: {err}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{ann_file}: expected a json object at top level, got {type(data).__name__}")
+        raise DataError(f"{ann_file}: expected a json object at top level, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise ValueError(f"{ann_file}: {key!r} must be a list, got {type(data.get(key)).__name__}")
+            raise DataError(f"{ann_file}: {key!r} must be a list, got {type(data.get(key)).__name__}")
     images = _index_by_id(data["images"], ("file_name", "height", "width"), "image", ann_file)
     categories = _index_by_id(data["categories"], ("name",), "category", ann_file)
     for image in images.values():
         size = (image["height"], image["width"])
-        if not all(isinstance(v, int) and v > 0 for v in size):
-            raise ValueError(f"{ann_file}: image id {image['id']}: height and width must be positive "
-                             f"integers, got {size}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+            raise DataError(f"{ann_file}: image id {image['id']}: height and width must be positive "
+                            f"integers, got {size}")
+    problems, good = [], []
     for ann in data["annotations"]:
-        _check_annotation(ann, images, categories, ann_file)
+        try:
+            _check_annotation(ann, images, categories, ann_file)
+            image = images[ann["image_id"]]
+            rle = segmentation_to_rle(ann, image["height"], image["width"])  # validates polygons and RLE
+        except ValueError as err:
+            problems.append(str(err) if str(err).startswith(str(ann_file)) else f"{ann_file}: {err}")
+            continue
         ann.setdefault("iscrowd", 0)
         if "area" not in ann or "bbox" not in ann:
-            image = images[ann["image_id"]]
-            rle = segmentation_to_rle(ann, image["height"], image["width"])
             ann.setdefault("area", float(mask_utils.area(rle)))
             ann.setdefault("bbox", mask_utils.toBbox(rle).tolist())
-    return data
+        good.append(ann)
+    data["annotations"] = good
+    return data, problems
 
 
 def _index_by_id(entries: list, fields: tuple[str, ...], kind: str, ann_file: Path) -> dict:
@@ -67,12 +85,12 @@ def _index_by_id(entries: list, fields: tuple[str, ...], kind: str, ann_file: Pa
     index = {}
     for pos, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
-            raise ValueError(f"{ann_file}: {kind}s[{pos}] must be an object with an integer 'id'")
+            raise DataError(f"{ann_file}: {kind}s[{pos}] must be an object with an integer 'id'")
         missing = [f for f in fields if f not in entry]
         if missing:
-            raise ValueError(f"{ann_file}: {kind} id {entry['id']} is missing {missing}")
+            raise DataError(f"{ann_file}: {kind} id {entry['id']} is missing {missing}")
         if entry["id"] in index:
-            raise ValueError(f"{ann_file}: duplicate {kind} id {entry['id']}")
+            raise DataError(f"{ann_file}: duplicate {kind} id {entry['id']}")
         index[entry["id"]] = entry
     return index
 
@@ -201,11 +219,16 @@ def _quiet_coco(data: dict) -> COCO:
 
 
 def load_image(path: Path, image_id: int) -> torch.Tensor:
-    """RGB image float32 ``(3, H, W)`` in [0, 1] (grey / RGBA / palette converted to RGB)."""
+    """RGB image float32 ``(3, H, W)`` in [0, 1] (grey / RGBA / palette converted to RGB).
+    A file PIL cannot decode (corrupt, truncated, not an image) raises DataError naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"COCO image file {path} for image id {image_id} not found")
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # PIL's ways of saying "corrupt"
+        raise DataError(f"image file {path} (image id {image_id}) cannot be decoded: "
+                        f"{type(err).__name__}: {err}") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
@@ -241,6 +264,11 @@ class COCOInstanceDataset(Dataset):
         self._label_of = {cat_id: label for label, cat_id in enumerate(self.category_ids)}
         self.image_ids = sorted(self.coco.imgs)
         self.image_size, self.pad_to = image_size, pad_to
+        missing = [self.image_dir / self.coco.imgs[i]["file_name"] for i in self.image_ids
+                   if not (self.image_dir / self.coco.imgs[i]["file_name"]).is_file()]
+        if missing:  # found now, not when the image's turn comes mid-run
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise FileNotFoundError(f"COCO image file {missing[0]} listed in {self.ann_file} not found{more}")
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -252,7 +280,7 @@ class COCOInstanceDataset(Dataset):
         image = load_image(path, image_id)
         height, width = info["height"], info["width"]
         if tuple(image.shape[1:]) != (height, width):
-            raise ValueError(
+            raise DataError(
                 f"image file {path} (image id {image_id}) is {image.shape[1]}x{image.shape[2]} (h x w) "
                 f"but {self.ann_file} says {height}x{width}"
             )
@@ -267,6 +295,32 @@ class COCOInstanceDataset(Dataset):
         if self.pad_to is not None:
             item = pad_item(item, self.pad_to)
         return item
+
+
+def check_coco(image_dir: str | Path, ann_file: str | Path) -> tuple[int, list[str]]:
+    """(images checked, one line per problem) of a COCO split: every annotation decoded, every image file
+    present, decodable and of the size the json gives. Used by ``influencerformer check-data``."""
+    image_dir, ann_file = Path(image_dir), Path(ann_file)
+    if not ann_file.is_file():
+        return 0, [f"{ann_file}: annotation file not found"]
+    try:
+        data, problems = _load_coco_json(ann_file)
+    except DataError as err:
+        return 0, [str(err)]
+    for image in data["images"]:
+        path = image_dir / image["file_name"]
+        if not path.is_file():
+            problems.append(f"{path}: image file of image id {image['id']} not found")
+            continue
+        try:
+            shape = tuple(load_image(path, image["id"]).shape[1:])
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        if shape != (image["height"], image["width"]):
+            problems.append(f"{path}: image id {image['id']} is {shape[0]}x{shape[1]} (h x w) but {ann_file} says "
+                            f"{image['height']}x{image['width']}")
+    return len(data["images"]), problems
 
 
 def find_coco_files(root: str | Path, split: str) -> tuple[Path, Path]:

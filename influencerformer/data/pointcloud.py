@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from influencerformer.data.errors import DataError
 from influencerformer.data.rooms3d import S3DIS_CLASSES, rgb8_to_unit
 from influencerformer.data.s3dis import S3DIS_SPLITS
 
@@ -71,14 +72,24 @@ def _read_bin(path: Path, dtype: type, width: int) -> np.ndarray:
     item = np.dtype(dtype).itemsize * width
     size = path.stat().st_size
     if size % item:
-        raise ValueError(f"{path}: expected a multiple of {item} bytes ({np.dtype(dtype).name} × {width}), got {size}")
+        raise DataError(f"{path}: expected a multiple of {item} bytes ({np.dtype(dtype).name} × {width}), got {size}")
     data = np.fromfile(path, dtype=dtype)
     return data.reshape(-1, width) if width > 1 else data
 
 
 def _check_length(path: Path, values: np.ndarray, n: int, points_path: Path) -> None:
     if len(values) != n:
-        raise ValueError(f"{path}: expected {n} values (one per point of {points_path}), got {len(values)}")
+        raise DataError(f"{path}: expected {n} values (one per point of {points_path}), got {len(values)}")
+
+
+def check_finite(path: Path, values: np.ndarray, what: str = "x y z r g b") -> None:
+    """DataError naming the file and the first point with a NaN / Inf value (a NaN point makes every
+    prediction of its scene NaN, and the evaluation would report metrics of nothing)."""
+    bad = ~np.isfinite(values).reshape(len(values), -1).all(1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: point {first} has a non-finite value ({what} = "
+                        f"{' '.join(f'{v:g}' for v in np.atleast_1d(values[first]))}); {int(bad.sum())} such point(s)")
 
 
 def _relabel(stored: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -95,6 +106,7 @@ def read_preprocessed(root: str | os.PathLike, name: str, dataset: str = "s3dis"
     root = Path(root)
     paths = {key: root / key / f"{name}.bin" for key in (*_FILES, "super_points")}
     points = _read_bin(paths["points"], np.float32, 6)
+    check_finite(paths["points"], points)
     stored_inst = _read_bin(paths["instance_mask"], np.int64, 1)
     raw_sem = _read_bin(paths["semantic_mask"], np.int64, 1)
     for key, values in (("instance_mask", stored_inst), ("semantic_mask", raw_sem)):
@@ -171,6 +183,35 @@ class PreprocessedPointDataset(Dataset):
             self.class_names = self.instance_class_names = list(S3DIS_CLASSES)
             self.instance_class_map = list(range(len(S3DIS_CLASSES)))
         self.num_classes = len(self.class_names)
+        problems = self.file_problems()
+        if problems:  # found when the dataset is built, not when the scene's turn comes mid-run
+            more = f" (and {len(problems) - 1} more: `influencerformer check-data` lists them)" if len(problems) > 1 else ""
+            raise DataError(problems[0] + more)
+
+    def file_problems(self) -> list[str]:
+        """One line per missing file or file length that disagrees with the scene's points (sizes only:
+        cheap enough for every build; values are checked as each scene is read, and by check-data)."""
+        problems = []
+        extra = ("super_points",) if (self.root / "super_points").is_dir() else ()
+        widths = {"points": (24, "float32 × 6"), "instance_mask": (8, "int64 × 1"), "semantic_mask": (8, "int64 × 1"),
+                  "super_points": (8, "int64 × 1")}
+        for name in self.scenes:
+            counts = {}
+            for key in (*_FILES, *extra):
+                path = self.root / key / f"{name}.bin"
+                if not path.is_file():
+                    problems.append(f"{path}: no such file (scene {name})")
+                    continue
+                size, (width, what) = path.stat().st_size, widths[key]
+                if size % width:
+                    problems.append(f"{path}: expected a multiple of {width} bytes ({what}), got {size}")
+                    continue
+                counts[key] = size // width
+            n = counts.get("points")
+            problems += [f"{self.root / key / f'{name}.bin'}: expected {n} values (one per point of "
+                         f"{self.root / 'points' / f'{name}.bin'}), got {count}"
+                         for key, count in counts.items() if n is not None and count != n]
+        return problems
 
     def __len__(self) -> int:
         return len(self.scenes)
@@ -183,6 +224,29 @@ class PreprocessedPointDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"PreprocessedPointDataset(root={str(self.root)!r}, dataset={self.dataset!r}, scenes={len(self)})"
+
+
+def check_preprocessed(root: str | os.PathLike, dataset: str, split: str = "all") -> tuple[int, list[str]]:
+    """(scenes checked, one line per problem) of a preprocessed (mmdet3d layout) split: every file present,
+    lengths consistent, every value finite. Used by ``influencerformer check-data``."""
+    try:
+        ds = PreprocessedPointDataset.__new__(PreprocessedPointDataset)
+        ds.root, ds.dataset = Path(root), dataset
+        if not (ds.root / "points").is_dir():
+            return 0, [f"{ds.root / 'points'}: no such directory (expected the mmdet3d layout)"]
+        ds.scenes = _split_scenes(ds.root, dataset, split)
+    except ValueError as err:
+        return 0, [str(err)]
+    problems = ds.file_problems()
+    broken = {line.split(": ", 1)[0] for line in problems}
+    for name in ds.scenes:
+        if any(f"/{name}.bin" in path for path in broken):
+            continue
+        try:
+            read_preprocessed(ds.root, name, dataset)
+        except (DataError, FileNotFoundError) as err:
+            problems.append(str(err))
+    return len(ds.scenes), problems
 
 
 def write_preprocessed(scene: dict, root: str | os.PathLike, name: str) -> None:

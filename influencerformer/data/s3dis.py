@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from influencerformer.data.errors import DataError
 from influencerformer.data.rooms3d import S3DIS_CLASSES, rgb8_to_unit
 
 S3DIS_SPLITS = {"train": (1, 2, 3, 4, 6), "val": (5,), "test": (5,), "all": (1, 2, 3, 4, 5, 6)}
@@ -71,16 +72,23 @@ def _parse_rows(path: Path, strict: bool) -> tuple[np.ndarray, str | None]:
         lines = np.searchsorted(newlines, [m.start() for m in bad]) + 1  # 1-based line numbers
         faults = [_describe(m.group()) for m in bad]
         if strict:
-            raise ValueError(
+            raise DataError(
                 f"{path}:{int(lines[0])}: {faults[0][0]}: {bad[0].group()[:80]!r} ({len(bad)} malformed row(s) "
-                "in this file; S3DISRawDataset(..., strict=False) skips unreadable rows and repairs whitespace)"
+                "in this file; --set data.strict=false (Python: S3DISRawDataset(..., strict=False)) skips "
+                "unreadable rows and repairs whitespace)"
             )
         text = _repair(text, bad, faults)
         message = _fault_counts(path, faults, lines)
     rows = np.loadtxt(io.StringIO(text), dtype=np.float64, ndmin=2) if text.strip() else np.zeros((0, 6))
+    finite = np.isfinite(rows).all(1)
+    if not finite.all():  # "1e999" is a number to the parser and inf to numpy; NaN points poison a whole scene
+        row = int(np.flatnonzero(~finite)[0])
+        line = [n for n, text_line in enumerate(text.split("\n"), 1) if text_line.strip()][row]
+        raise DataError(f"{path}:{line}: non-finite value in {' '.join(f'{v:g}' for v in rows[row])} "
+                        f"({int((~finite).sum())} such row(s) in this file)")
     rgb = rows[:, 3:]
     if rgb.size and (rgb.min() < 0 or rgb.max() > 255):
-        raise ValueError(f"{path}: expected r g b in [0, 255], got values in [{rgb.min()}, {rgb.max()}]")
+        raise DataError(f"{path}: expected r g b in [0, 255], got values in [{rgb.min()}, {rgb.max()}]")
     return rows, message
 
 

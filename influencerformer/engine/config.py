@@ -479,7 +479,10 @@ def build_dataset(data: DataConfig, split: str) -> tuple[Any, DatasetInfo]:
         except (FileNotFoundError, ValueError) as exc:
             raise ConfigError(str(exc)) from None
         size = data.image_size
-        ds = COCOInstanceDataset(image_dir, ann_file, image_size=size, pad_to=size)
+        try:  # every annotation is decoded and every image file looked for now, not mid-run
+            ds = COCOInstanceDataset(image_dir, ann_file, image_size=size, pad_to=size)
+        except (ValueError, FileNotFoundError) as exc:
+            raise ConfigError(f"coco {split} split: {exc}") from None
         names, category_ids = list(ds.class_names), list(ds.category_ids)
     info = DatasetInfo(len(names), names, category_ids)
     if num is not None and data.name == "coco" and num < len(ds):

@@ -191,9 +191,10 @@ def test_missing_image_file_and_size_mismatch(tmp_path):
     images = [{"id": 10, "file_name": "a.png", "height": H, "width": W},
               {"id": 12, "file_name": "gone.png", "height": H, "width": W},
               {"id": 13, "file_name": "b.png", "height": H + 1, "width": W}]
-    ds = COCOInstanceDataset(*_write_dataset(tmp_path, images=images))
-    with pytest.raises(FileNotFoundError, match=r"img/gone\.png for image id 12 not found"):
-        ds[1]
+    with pytest.raises(FileNotFoundError, match=r"img/gone\.png listed in .*instances\.json not found"):
+        COCOInstanceDataset(*_write_dataset(tmp_path, images=images))  # when built, not when its turn comes
+    (tmp_path / "img" / "gone.png").write_bytes((tmp_path / "img" / "a.png").read_bytes())
+    ds = COCOInstanceDataset(tmp_path / "img", tmp_path / "instances.json")
     with pytest.raises(ValueError, match=r"b\.png \(image id 13\) is 20x30 .* says 21x30"):
         ds[2]
 
@@ -240,3 +241,35 @@ def test_ground_truth_is_ready_for_cocoeval(tmp_path):
         evaluator.accumulate()
         evaluator.summarize()
     assert evaluator.stats[0] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------- bad data found when built (issue 16)
+
+
+def test_a_bad_annotation_of_a_later_image_fails_when_built_naming_the_file(tmp_path):
+    from influencerformer.data.errors import DataError
+
+    good = {"image_id": 10, "category_id": 7, "segmentation": [[2, 3, 12, 3, 12, 9, 2, 9]]}
+    anns = [{"id": 1, **good}, {"id": 2, **good, "image_id": 11, "segmentation": [[1, 2, 3]]},
+            {"id": 3, **good, "image_id": 11, "segmentation": "oops"}]
+    image_dir, ann_file = _write_dataset(tmp_path, annotations=anns)
+    with pytest.raises(DataError) as err:
+        COCOInstanceDataset(image_dir, ann_file)  # not at item 1, mid-run
+    message = str(err.value)
+    assert message.startswith(f"{ann_file}: annotation id 2: bad segmentation: polygon 0 has 3 coordinates")
+    assert "and 1 more" in message and "check-data" in message and "\n" not in message
+
+
+def test_a_corrupt_image_is_a_data_error_naming_the_file(tmp_path):
+    from influencerformer.data.coco import check_coco
+    from influencerformer.data.errors import DataError
+
+    image_dir, ann_file = _write_dataset(tmp_path)
+    (image_dir / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # truncated
+    (image_dir / "b.png").write_bytes(b"not an image at all")
+    ds = COCOInstanceDataset(image_dir, ann_file)
+    with pytest.raises(DataError, match=r"image file .*b\.png \(image id 11\) cannot be decoded: UnidentifiedImageError"):
+        ds[1]
+    count, problems = check_coco(image_dir, ann_file)
+    assert count == 2 and len(problems) == 2
+    assert "a.png (image id 10) cannot be decoded" in problems[0] and "b.png (image id 11)" in problems[1]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from influencerformer.data.errors import DataError
 from influencerformer.data.pointcloud import (
     SCANNET_INST_CLASSES,
     SCANNET_SEM_CLASSES,
@@ -100,8 +101,8 @@ def test_length_mismatches_name_the_file_and_both_lengths(tmp_path):
     (tmp_path / "points" / "s.bin").write_bytes(b"\0" * 30)
     with pytest.raises(ValueError, match=r"points/s\.bin: expected a multiple of 24 bytes \(float32 × 6\), got 30"):
         PreprocessedPointDataset(tmp_path, "s3dis", scenes=["s"])[0]
-    with pytest.raises(FileNotFoundError, match=r"points/missing\.bin: no such file"):
-        PreprocessedPointDataset(tmp_path, "s3dis", scenes=["missing"])[0]
+    with pytest.raises(DataError, match=r"points/missing\.bin: no such file \(scene missing\)"):
+        PreprocessedPointDataset(tmp_path, "s3dis", scenes=["missing"])  # when built, not at the item
     with pytest.raises(ValueError, match=r"expected 's3dis' or 'scannet', got 'kitti'"):
         PreprocessedPointDataset(tmp_path, "kitti")
 
@@ -146,3 +147,34 @@ def test_instance_targets_known_answer():
         ValueError, match=r"expected instance_labels and sem_labels of one shape \(N,\), got \(7,\) and \(6,\)"
     ):
         instance_targets(inst, sem[:6])
+
+
+# ------------------------------------------------------------------- bad data found early (issue 16)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_coordinates_name_the_file_and_point(tmp_path, value):
+    points = np.zeros((10, 6), dtype=np.float32)
+    points[7, 1] = value
+    _write(tmp_path, "s", points, np.ones(10, dtype=np.int64), np.zeros(10, dtype=np.int64))
+    ds = PreprocessedPointDataset(tmp_path, "s3dis", scenes=["s"])
+    with pytest.raises(DataError, match=rf"points/s\.bin: point 7 has a non-finite value \(x y z r g b = 0 {value:g} 0"):
+        ds[0]
+
+
+def test_file_lengths_are_checked_when_built_and_check_lists_every_problem(tmp_path):
+    from influencerformer.data.pointcloud import check_preprocessed
+
+    points = np.zeros((10, 6), dtype=np.float32)
+    _write(tmp_path, "Area_1_a", points, np.zeros(9, dtype=np.int64), np.zeros(10, dtype=np.int64))
+    bad = points.copy()
+    bad[2, 0] = np.nan
+    _write(tmp_path, "Area_1_b", bad, np.zeros(10, dtype=np.int64), np.zeros(10, dtype=np.int64))
+    _write(tmp_path, "Area_1_c", points, np.zeros(10, dtype=np.int64), np.zeros(10, dtype=np.int64))
+    (tmp_path / "semantic_mask" / "Area_1_c.bin").unlink()
+    with pytest.raises(DataError, match=r"instance_mask/Area_1_a\.bin: expected 10 values .* got 9 \(and 1 more"):
+        PreprocessedPointDataset(tmp_path, "s3dis", split="train")
+    count, problems = check_preprocessed(tmp_path, "s3dis", "train")
+    assert count == 3 and len(problems) == 3
+    assert "Area_1_a.bin: expected 10 values" in problems[0] and "semantic_mask/Area_1_c.bin: no such file" in problems[1]
+    assert "points/Area_1_b.bin: point 2 has a non-finite value" in problems[2]

@@ -184,3 +184,20 @@ def test_writer_rejects_unstorable_scenes(tmp_path):
     scene["colors"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match=r"expected coords \(N, 3\), colors \(N, 3\).*\(2, 3\), \(3, 3\)"):
         write_s3dis_raw(scene, tmp_path, 1, "r")
+
+
+@pytest.mark.parametrize("row", ["1e999 0 0 1 2 3", "0 -1e999 0 1 2 3"])
+def test_infinite_coordinates_fail_with_file_and_line(tmp_path, row):
+    from influencerformer.data.errors import DataError
+
+    path = tmp_path / "chair_1.txt"
+    path.write_text("0 0 0 1 2 3\n\n1 1 1 1 2 3\n" + row + "\n")
+    with pytest.raises(DataError, match=rf"chair_1\.txt:4: non-finite value in .*inf"):
+        parse_annotation(path)
+
+
+def test_strict_hint_names_the_cli_option(tmp_path):
+    path = tmp_path / "chair_1.txt"
+    path.write_text("0 0 0 1 2 3\n0 0 x 1 2 3\n")
+    with pytest.raises(ValueError, match=r"--set data.strict=false"):
+        parse_annotation(path)
