@@ -196,7 +196,7 @@ def _train_one(run_cfg: Config, resume: bool, overwrite: bool,
     run_dir = Path(run_cfg.train.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     load_file = run_dir / "load.json"
-    earlier = json.loads(load_file.read_text())["samples"] if resume and load_file.is_file() else []
+    earlier = _load_samples(load_file) if resume else []
     with (run_dir / "console.log").open("a" if resume else "w") as log, LoadMonitor(load_interval) as load:
         with redirect_stdout(_Console(sys.stdout, log)):
             result = train(run_cfg, resume=resume, overwrite=overwrite)
@@ -205,9 +205,24 @@ def _train_one(run_cfg: Config, resume: bool, overwrite: bool,
     return result, samples
 
 
+def _load_samples(path: Path) -> list[float]:
+    """The load samples an earlier part of a resumed run kept (none when the file is missing or damaged)."""
+    try:
+        samples = json.loads(path.read_text())["samples"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [float(v) for v in samples if isinstance(v, (int, float))]
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(line) for line in lines if line.strip()]
+    """The records of a run's metrics.jsonl; a line cut by a kill is not a record."""
+    records = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return [r for r in records if isinstance(r, dict) and "step" in r]
 
 
 def loss_curve(records: Sequence[dict[str, Any]]) -> list[dict[str, float]]:

@@ -170,3 +170,12 @@ def test_compare_cli_refuses_an_earlier_run_before_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already holds a run" in err and "--overwrite" in err and "run 1/" not in err
     assert sorted(p.name for p in earlier.iterdir()) == ["config.yaml"]
+
+
+def test_metrics_reader_skips_a_line_cut_by_a_kill(tmp_path):
+    from influencerformer.engine.compare import read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1, "loss": 2.0}\n{"kind": "train", "st')
+    assert read_metrics(path) == [{"kind": "train", "step": 1, "loss": 2.0}]
+    assert read_metrics(tmp_path / "missing.jsonl") == []
