@@ -22,7 +22,7 @@ def _subcommands():
     return action.choices
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "compare", "bench"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "compare", "bench", "check-data"])
 def test_help_mentions_every_option_with_its_default(command, capsys):
     assert cli.main([command, "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
@@ -230,3 +230,64 @@ def test_evaluate_writes_null_with_a_reason_for_undefined_ap(tmp_path, capsys, m
     assert metrics["AP"] is None and metrics["AP50"] is None and 0 <= metrics["AP75"] <= 1
     assert "no ground-truth instance" in metrics["undefined"]["AP"]
     assert "NaN" not in out.read_text()
+
+
+def test_check_data_lists_every_problem_with_its_file(tmp_path, capsys):
+    from PIL import Image
+
+    from influencerformer.data import Shapes2D, export_coco
+
+    root = tmp_path / "coco"
+    for split, n in (("train", 3), ("val", 2)):
+        export_coco(Shapes2D(split, preset="medium", num_images=n), root / split)
+    assert cli.main(["check-data", "--data", "coco", "--data-root", str(root)]) == 0
+    assert "train: 3 images, 0 problem(s); val: 2 images, 0 problem(s)" in capsys.readouterr().err
+    ann_file = root / "train" / "annotations.json"
+    data = json.loads(ann_file.read_text())
+    data["annotations"][-1]["segmentation"] = [[1, 2, 3, 4]]  # a bad polygon in the last image
+    ann_file.write_text(json.dumps(data))
+    images = sorted((root / "val" / "images").iterdir())
+    images[1].write_bytes(b"garbage")  # a corrupt image
+    assert cli.main(["check-data", "--data", "coco", "--data-root", str(root)]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2
+    assert str(ann_file) in out[0] and f"annotation id {data['annotations'][-1]['id']}" in out[0]
+    assert str(images[1]) in out[1] and "cannot be decoded" in out[1]
+    # training on it fails before the first step: one line naming the file, exit 2
+    run = tmp_path / "run"
+    assert cli.main(["train", "--data", "coco", "--data-root", str(root), "--steps", "1", "--out", str(run),
+                     *SETS]) == 2
+    line = _one_error_line(capsys)
+    assert str(ann_file) in line and "bad segmentation" in line
+    assert Image  # noqa
+
+
+def test_check_data_on_point_files_and_built_in_data(tmp_path, capsys):
+    import numpy as np
+
+    from influencerformer.data.pointcloud import write_preprocessed
+    from influencerformer.data.rooms3d import Rooms3D
+
+    scene = Rooms3D("train", num_scenes=1, points_per_room=(300, 400))[0]
+    write_preprocessed(scene, tmp_path, "Area_1_office_1")
+    write_preprocessed(scene, tmp_path, "Area_5_office_1")
+    assert cli.main(["check-data", "--data", "s3dis", "--data-root", str(tmp_path)]) == 0
+    points = np.fromfile(tmp_path / "points" / "Area_5_office_1.bin", dtype=np.float32).reshape(-1, 6)
+    points[3, 2] = np.nan
+    points.tofile(tmp_path / "points" / "Area_5_office_1.bin")
+    capsys.readouterr()
+    assert cli.main(["check-data", "--data", "s3dis", "--data-root", str(tmp_path)]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "points/Area_5_office_1.bin: point 3 has a non-finite value" in out[0]
+    assert cli.main(["check-data", "--data", "rooms3d"]) == 0
+    assert cli.main(["check-data", "--data", "scannet", "--data-root", str(tmp_path / "nope")]) == 2
+
+
+def test_a_data_error_from_a_loader_worker_is_still_one_line():
+    from influencerformer.data.errors import DataError
+
+    worker = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                       '  File "x.py", line 1, in f\ninfluencerformer.data.errors.DataError: image file /d/a.png '
+                       "(image id 3) cannot be decoded: UnidentifiedImageError: bad")
+    assert cli._one_line(worker) == "image file /d/a.png (image id 3) cannot be decoded: UnidentifiedImageError: bad"
+    assert cli._one_line(FileNotFoundError(2, "No such file or directory", "/x/y")) == "/x/y: No such file or directory"

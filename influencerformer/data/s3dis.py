@@ -280,6 +280,33 @@ class S3DISRawDataset(Dataset):
         return f"S3DISRawDataset(root={str(self.root)!r}, rooms={len(self)}, strict={self.strict})"
 
 
+def check_s3dis_raw(root: str | os.PathLike, areas: str | int | Sequence[int] = "all") -> tuple[int, list[str]]:
+    """(rooms checked, one line per problem) of the raw release: every annotation file parsed strictly (its
+    first malformed row with file:line, non-finite values, colour range, names). Used by check-data."""
+    try:
+        dataset = S3DISRawDataset(root, areas)
+    except (FileNotFoundError, ValueError) as err:
+        return 0, [str(err)]
+    problems = []
+    for area, room in dataset.rooms:
+        room_dir = dataset.root / f"Area_{area}" / room
+        ann = room_dir / "Annotations"
+        files = sorted(ann.glob("*.txt"), key=lambda p: _natural_key(p.name))
+        if not files:
+            problems.append(f"{ann}: no <class>_<i>.txt annotation files")
+        for path in files:
+            match = _FILE_NAME.match(path.name)
+            name = _CLASS_ALIASES.get(match.group(1).lower(), match.group(1).lower()) if match else None
+            if name not in S3DIS_CLASSES:
+                problems.append(f"{path}: expected <class>_<i>.txt with class in {list(S3DIS_CLASSES)}")
+                continue
+            try:
+                _parse_rows(path, strict=True)
+            except (ValueError, OSError) as err:
+                problems.append(str(err))
+    return len(dataset.rooms), problems
+
+
 def _scene_arrays(scene: dict) -> tuple[np.ndarray, ...]:
     """coords (N, 3), 8-bit rgb (N, 3), sem (N,), inst (N,) of a scene item, lengths checked."""
     arrays = [
