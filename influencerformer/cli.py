@@ -326,6 +326,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             raise ConfigError(f"--seed-spread must be SD[:SOURCE] with SD a number, got {args.seed_spread!r}") from None
     criteria = list(args.criteria) + [v.criterion for v in variants]  # criterion.* keys valid for any of them
     cfg = load_config(args.config, _overrides(args, out=None), criteria=criteria)
+    check_output_folder(args.out)  # a file or a read-only folder is found before any run trains
     results = compare(cfg, list(args.criteria) + variants, args.seeds, args.out, num_images=args.num_images,
                       resume=args.resume, overwrite=args.overwrite, seed_spread=spread)
     report = (Path(args.out) / "report.md").read_text()

@@ -291,3 +291,18 @@ def test_a_data_error_from_a_loader_worker_is_still_one_line():
                        "(image id 3) cannot be decoded: UnidentifiedImageError: bad")
     assert cli._one_line(worker) == "image file /d/a.png (image id 3) cannot be decoded: UnidentifiedImageError: bad"
     assert cli._one_line(FileNotFoundError(2, "No such file or directory", "/x/y")) == "/x/y: No such file or directory"
+
+
+def test_read_only_output_folders_are_one_line_before_work(tmp_path, capsys, monkeypatch):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(locked) else real(path, mode))
+    argvs = [["train", "--out", str(locked / "run"), "--steps", "1", *SETS],
+             ["compare", "--out", str(locked), "--steps", "1", *SETS]]
+    for argv in argvs:
+        assert cli.main(argv) == 2, argv
+        assert f"{locked} is not writable" in _one_error_line(capsys)
+    assert list(locked.iterdir()) == []

@@ -365,6 +365,7 @@ def _latest_intact(run: Run) -> tuple[Path, dict[str, Any]] | None:
         return None
     warn = (lambda line: print(line, file=sys.stderr, flush=True)) if run.dist.is_main else None
     path, state = ckpt.load_latest(run_dir, map_location=run.device, require=ckpt.TRAINING_KEYS, warn=warn)
+    distributed.barrier()  # every rank has read its state before rank 0 renames anything
     if run.dist.is_main:
         for step, file in ckpt.list_checkpoints(run_dir):
             if step > state["step"]:
@@ -596,6 +597,8 @@ def _train(cfg: Config, info: distributed.DistInfo, resume: bool, overwrite: boo
     try:
         while run.step < stop:
             t0 = time.perf_counter()
+            if hasattr(run.criterion, "set_progress"):  # schedules inside the loss (e.g. transport's epsilon)
+                run.criterion.set_progress(run.step / cfg.train.steps)
             losses, seconds = _accumulate(run, batches)
             norm = _optimizer_step(run)
             sync(run.device)
