@@ -88,13 +88,32 @@ def perfect_loss(setting, q, k) -> float:
     return total_loss(criterion(*setting), perfect(q, masks, labels), masks, labels)
 
 
+# Cases where the property fails today, each marked ``xfail(strict=True)``: a known flaw that goes away (XPASS) or
+# a new failure is an error, not noise.  Measured with this file (CPU, float32); ids are value-Q-K-corruption.
+# Every seed-form "duplicated" case fails (its degenerate minimum) and transport fails only at K = 1
+# "all_covering" with epsilon 0.05 (the float32 tie of TRANSPORT_REASON; 0.1 and 0.5 keep perfect strictly below).
+SEED_ALL_COVERING_FAILS = set("""
+    1.0-Q400-K1-all_covering 1.0-Q400-K30-all_covering 2.0-Q16-K1-all_covering 2.0-Q100-K1-all_covering
+    2.0-Q100-K3-all_covering 2.0-Q100-K30-all_covering 2.0-Q400-K1-all_covering 2.0-Q400-K3-all_covering
+    2.0-Q400-K30-all_covering
+""".split())  # near-ties: at T 0.5 the perfect answer still wins everywhere, at T 2.0 the covering one nearly always
+OWNERSHIP_FAILS = set("""
+    0.1-Q400-K1-all_covering 0.1-Q400-K1-duplicated 0.1-Q400-K3-duplicated 0.5-Q16-K1-all_covering
+    0.5-Q16-K1-duplicated 0.5-Q16-K3-duplicated 0.5-Q100-K1-all_covering 0.5-Q100-K1-duplicated
+    0.5-Q100-K3-duplicated 0.5-Q100-K30-duplicated 0.5-Q400-K1-all_covering 0.5-Q400-K1-duplicated
+    0.5-Q400-K3-duplicated 0.5-Q400-K30-merged 1.0-Q16-K1-all_covering 1.0-Q16-K1-duplicated 1.0-Q16-K3-duplicated
+    1.0-Q100-K1-all_covering 1.0-Q100-K1-duplicated 1.0-Q100-K30-all_empty 1.0-Q400-K1-all_covering
+    1.0-Q400-K1-duplicated 1.0-Q400-K30-all_empty 1.0-Q400-K30-merged
+""".split())
+
+
 def _xfail_reason(form, value, q, k, corruption):
-    if form == "seed" and corruption in ("duplicated", "all_covering"):
+    case = f"{value}-Q{q}-K{k}-{corruption}"
+    if form == "seed" and (corruption == "duplicated" or case in SEED_ALL_COVERING_FAILS):
         return SEED_REASON
-    if form == "ownership" and (corruption == "duplicated" or (corruption == "all_covering" and k == 1)
-                                or (value >= 0.5 and k == 30 and corruption in ("merged", "all_empty"))):
+    if form == "ownership" and case in OWNERSHIP_FAILS:
         return OWNERSHIP_REASON
-    if form == "transport" and k == 1 and corruption == "all_covering":
+    if form == "transport" and value == 0.05 and k == 1 and corruption == "all_covering":
         return TRANSPORT_REASON
     return None
 
@@ -104,7 +123,7 @@ def _cases():
         if k > q or (corruption == "merged" and k < 2):
             continue  # more instances than queries, or nothing to merge: the property is meaningless
         reason = _xfail_reason(setting[0], setting[2], q, k, corruption)
-        marks = [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
+        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
         yield pytest.param(setting, q, k, corruption, marks=marks,
                            id=f"{setting[0]}-{setting[1]}{setting[2]}-Q{q}-K{k}-{corruption}")
 
