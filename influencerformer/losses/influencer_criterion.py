@@ -14,10 +14,14 @@ Every form reads all masks at the same locations, shared by all queries, instanc
   for its all-pixel mean); the losses differ only by which locations are read.
 - point clouds: every point, as in ``HungarianCriterion``.
 
+Structure: a form is a *weight producer* -- it decides how much query ``q`` answers for instance ``k``
+(``weights (B, Q, K)``, ``weights.py``) -- and one set of weighted terms (``weighted_terms.py``) turns the weights
+into ``loss_ce`` / ``loss_mask`` / ``loss_dice``, as DETR's matcher hands indices to its loss terms.  The pair
+terms come from one autograd kernel (``pair_kernel.py``); pixels and targets from ``sampling.py``.
+
 Forms:
 
-``"transport"`` (default: the only form that kept up with Hungarian on the crowded preset in DESIGN.md's runs —
-    one seed, 1500 steps; the 3-seed crowded evidence with this code is still to be run, see docs/results.md):
+``"transport"`` (default):
     cost[q, k] = class_weight (1 - p_q(c_k)) + mask_weight BCE(q, k) + dice_weight (1 - dice(q, k)),
     plus a "no object" column.  Entropic OT (log-domain Sinkhorn, ``epsilon``, ``sinkhorn_iters``), rows =
     queries with capacity 1, columns = instances with mass 1 and the no-object column with mass ``Q - K``.
@@ -30,6 +34,10 @@ Forms:
     column gets no mass and each instance gets mass Q / K, so the marginals stay balanced (every query is fully
     claimed).  K = 0: all mass goes to the no-object column; mask terms are 0 and every query's class target
     is "no object".  Padded instances have zero mass and exactly zero plan.
+    Levers (each an option, measured in docs/results.md): ``aux_multiplicity = m`` gives each instance column
+    mass ``min(m, Q / K)`` on auxiliary layers (one-to-many; their mask terms are averaged over the instance's
+    mass, their class targets are not); ``quality_targets`` multiplies the class target by the pair's dice;
+    ``epsilon_end`` moves epsilon geometrically over training (``set_progress``).
 ``"ownership"`` (softmax form; tied Hungarian on the toy, fails at scale — kept for comparison):
     W = softmax_q(dice(q, k) / temperature) with gradient; the same three terms with W in place of T.
 ``"seed"`` (the seeds' mask form; its minimum is degenerate — duplicates score below the perfect answer):
@@ -43,7 +51,7 @@ duplicates, merges, all-covering, empty, leaking and wrong-class corruptions the
 perfect as epsilon -> 0: like Hungarian, masks sent to the no-object column are unsupervised); ownership
 ``temperature`` in [0.1, 1] and seed ``temperature`` in [0.5, 2], both with known failures listed there.
 
-Speed (transport): BCE, dice and their gradients come from one autograd node per layer (``_PairTerms``): the
+Speed (transport): BCE, dice and their gradients come from one autograd node per layer (``pair_kernel``): the
 predictions are gathered at the shared pixels, ``x @ [t; 1]^T`` and ``sigmoid(x) @ [t; 1]^T`` give the pair
 terms and row sums, and the backward is two ``(Q, K) @ (K, P)`` matmuls plus in-place elementwise work,
 scattered back onto the prediction grid; no ``(B, Q, K, P)`` tensor, no float64, no host sync.  These four
