@@ -68,7 +68,7 @@ def batches(dataset: Shapes2D, batch_size: int, seed: int) -> Iterator[dict[str,
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
-    """Linear warm-up then cosine decay to zero (DESIGN's crowded-preset recipe, shortened)."""
+    """Linear warm-up then cosine decay to zero (the crowded recipe of docs/background.md, shortened)."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))

@@ -9,9 +9,9 @@ panoptic / semantic target (``sem_seg``).
 Presets (``SHAPES_PRESETS``):
 
 - ``"default"``: 128x128, 1-8 shapes, radius 8-24 px, 1-2 stuff bands, textured background.
-- ``"crowded"``: the benchmark of DESIGN.md: 128x128, 10-40 shapes, radius 5-16 px, aspect
+- ``"crowded"``: the benchmark of docs/background.md: 128x128, 10-40 shapes, radius 5-16 px, aspect
   0.7-1.3, visible area >= 30 px. Measured over the first 200 train images (seed 0): 24.5 visible
-  instances per image on average, min 9, max 39 (DESIGN.md: about 23, 8-37); about 2.6 ms of CPU
+  instances per image on average, min 9, max 39 (docs/background.md: about 23, 8-37); about 2.6 ms of CPU
   time per image (one core).
 - ``"dense"``: the CPU benchmark that decides (``configs/shapes2d_dense.yaml``): 96x96, 10-22 shapes, radius
   6-11 px, aspect 0.7-1.3, visible area >= 30 px. First 300 train images (seed 0): 15.8 visible instances per

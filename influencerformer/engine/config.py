@@ -73,7 +73,7 @@ class CriterionConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # AdamW peak lr (tuned for the CPU budget; DESIGN's crowded recipe uses 5e-4)
+    lr: float = 1e-3  # AdamW peak lr (tuned for the CPU budget; the crowded recipe uses 5e-4)
     weight_decay: float = 0.05  # AdamW decoupled weight decay (not applied to norms and biases)
     beta1: float = 0.9
     beta2: float = 0.999

@@ -101,7 +101,7 @@ def hf_to_criterion_inputs(
     class_labels: Sequence[Tensor],
     auxiliary_predictions: Sequence[dict[str, Tensor]] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Tensor]]]:
-    """transformers' loss inputs (shapes as in ``HFCriterionAdapter.forward``) -> DESIGN's ``(outputs, targets)``."""
+    """transformers' loss inputs (shapes as in ``HFCriterionAdapter.forward``) -> our ``(outputs, targets)``."""
     if len(mask_labels) != len(class_labels):
         raise ValueError(f"mask_labels and class_labels must have one entry per image, got {len(mask_labels)} "
                          f"and {len(class_labels)}")

@@ -1,6 +1,6 @@
 """Set criteria for query segmentation: the shared base and the Hungarian baseline.
 
-Every criterion consumes the same contract (DESIGN.md, "Criterion interface"):
+Every criterion consumes the same contract (docs/background.md, "Criterion interface"):
 
 - ``outputs["pred_logits"]``: ``(B, Q, C+1)`` class logits, last column = "no object";
 - ``outputs["pred_masks"]``: ``(B, Q, H, W)`` image mask logits or ``(B, Q, P)`` point-cloud mask logits;

@@ -12,7 +12,7 @@ Seed form (the formulation of the original seeds, vectorised):
 Known flaw: logsumexp rewards every extra query covering an instance, so duplicated and
 all-covering predictions score below the perfect one (kept as ``form="seed"`` for comparison).
 
-Ownership form (softmax over queries of soft-dice coverage, DESIGN.md "Measured directions"):
+Ownership form (softmax over queries of soft-dice coverage, docs/background.md §2):
     D[k, q] = soft dice(sigmoid(L_q), M_k);  W = softmax_q(D / T)
     mask loss = sum_{k,q} W[k, q] * pair_loss[k, q] / #instances;  class target of q =
     sum_k W[k, q] onehot(c_k) + remainder on "no object" (``weighted_terms.class_targets``).

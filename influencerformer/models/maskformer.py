@@ -1,7 +1,7 @@
 """The assembled 2D model: backbone -> FPN pixel decoder -> query decoder (Mask2Former layout).
 
 One typed config (``MaskFormerConfig``) with named presets sized for where they run:
-"tiny" and "medium" train on 2 CPU cores, "crowded" is the benchmark recipe (DESIGN: 100 queries,
+"tiny" and "medium" train on 2 CPU cores, "crowded" is the benchmark recipe (docs/background.md: 100 queries,
 6 decoder layers, all supervised), "base" is Mask2Former-sized for a GPU.
 """
 
@@ -112,7 +112,7 @@ PRESETS: dict[str, dict] = {
     # The CPU benchmark that decides (shapes2d "dense", 96x96): >= 50 queries, masks at stride 2 (48x48).
     "dense": dict(num_queries=60, hidden_dim=96, num_decoder_layers=4, nheads=4, dim_feedforward=384, mask_dim=96,
                   backbone_widths=(24, 48, 96, 192), backbone_depths=(1, 2, 2, 1), stem_width=16, mask_stride=2),
-    # DESIGN's crowded benchmark recipe (GPU): 100 queries, 6 decoder layers, all supervised.
+    # the crowded benchmark recipe (GPU; docs/background.md §2): 100 queries, 6 decoder layers, all supervised.
     "crowded": dict(num_queries=100, hidden_dim=128, num_decoder_layers=6, nheads=8, dim_feedforward=1024,
                     mask_dim=128, backbone_widths=(32, 64, 128, 256), backbone_depths=(2, 2, 2, 2), stem_width=32),
     # Mask2Former-sized decoder (GPU).

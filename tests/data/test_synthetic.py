@@ -78,7 +78,7 @@ def test_val_never_repeats_train():
 def test_crowded_counts_in_documented_range():
     ds = Shapes2D("train", preset="crowded", num_images=200)
     counts = np.array([len(ds[i]["labels"]) for i in range(len(ds))])
-    # docstring: mean 24.5, min 9, max 39 over these 200 images; DESIGN.md: about 23 (8-37)
+    # docstring: mean 24.5, min 9, max 39 over these 200 images; docs/background.md: about 23 (8-37)
     assert 21.0 <= counts.mean() <= 27.0
     assert counts.min() >= 5 and counts.max() <= 40
     labels = torch.cat([ds[i]["labels"] for i in range(20)])

@@ -66,7 +66,8 @@ def random_batch(sizes=(3, 0, 2), seed=0):
 
 
 def design_inputs(class_logits, mask_logits, aux, mask_labels, class_labels):
-    """DESIGN's ``outputs`` / ``targets`` built by hand from the same tensors (not through the adapter)."""
+    """Our contract's ``outputs`` / ``targets`` (docs/background.md §1) built by hand from the same tensors
+    (not through the adapter)."""
     outputs = {"pred_logits": class_logits, "pred_masks": mask_logits,
                "aux_outputs": [{"pred_logits": a["class_queries_logits"], "pred_masks": a["masks_queries_logits"]}
                                for a in aux]}

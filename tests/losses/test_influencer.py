@@ -15,7 +15,7 @@ TERMS = ("attractive", "repulsive", "background")
 
 
 def reference_loss(logits, masks, temperature=1.0, margin=1.0):
-    """Per-instance, per-query Python loops straight from the DESIGN.md formulas."""
+    """Per-instance, per-query Python loops straight from the formulas of docs/loss.md."""
     q_count, k_count = logits.shape[0], masks.shape[0]
     logsig = F.logsigmoid(logits)
     insts = [k for k in range(k_count) if masks[k].any()]
