@@ -69,13 +69,35 @@ class ForwardTimer:
         return out
 
 
-def profile(cfg, steps: int, warmup: int, ops: int = 0, warm_data: bool = True) -> tuple[dict[str, float], str | None]:
+class CachedItems:
+    """Experiment (``--cache-data``): keep every item after its first read, as the point datasets already do."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset, self.items = dataset, {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        if index not in self.items:
+            self.items[index] = self.dataset[index]
+        return self.items[index]
+
+    def __getattr__(self, name: str):  # class_map etc. of the wrapped dataset
+        return getattr(self.dataset, name)
+
+
+def profile(cfg, steps: int, warmup: int, ops: int = 0, warm_data: bool = True, cache_data: bool = False,
+            fused_optim: bool = False) -> tuple[dict[str, float], str | None]:
     """Median milliseconds per phase of ``steps`` training steps (after ``warmup``); optional top-ops table.
 
     ``warm_data``: read every training item once first (its time is the ``first pass`` entry, not a median).
+    ``cache_data``, ``fused_optim``: experiments (item cache; AdamW with ``fused=True`` on the CPU too).
     """
     seed_everything(cfg.train.seed)
     dataset, info = build_dataset(cfg.data, "train")
+    if cache_data:
+        dataset = CachedItems(dataset)
     first_pass = None
     if warm_data:
         start = time.perf_counter()
@@ -88,6 +110,9 @@ def profile(cfg, steps: int, warmup: int, ops: int = 0, warm_data: bool = True) 
     if timer is not None:
         timer.enabled = True
     optimizer = build_optimizer(model, cfg)
+    if fused_optim:
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=True)
     collate = make_point_collate(dataset, cfg.data.num_points) if is_point_data(cfg.data) else make_collate()
     forward_timer = ForwardTimer(model)
     rng = random.Random(cfg.train.seed)
@@ -164,15 +189,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     p.add_argument("--steps", type=int, default=20, help="timed steps (medians are reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (allocator, lazy initialisation)")
     p.add_argument("--ops", type=int, default=0, help="also print the N operators with most self CPU time")
+    p.add_argument("--cache-data", action="store_true",
+                   help="experiment: keep training items in memory after their first read (shapes2d regenerates them)")
+    p.add_argument("--fused-optim", action="store_true", help="experiment: AdamW(fused=True), as on CUDA")
     p.add_argument("--cold-data", action="store_true",
                    help="skip the first pass over the training data (time first reads: rooms3d generation)")
     args = p.parse_args(argv)
     overrides = list(args.overrides) + ([f"criterion.name={args.criterion}"] if args.criterion else [])
     cfg = load_config(args.config, overrides)
-    medians, table = profile(cfg, args.steps, args.warmup, args.ops, warm_data=not args.cold_data)
+    medians, table = profile(cfg, args.steps, args.warmup, args.ops, warm_data=not args.cold_data,
+                             cache_data=args.cache_data, fused_optim=args.fused_optim)
     print(f"{cfg.data.name} ({cfg.data.preset if cfg.data.name == 'shapes2d' else 'points'}), model "
           f"{cfg.model.preset}, criterion {cfg.criterion.name}, batch {cfg.data.batch_size}, "
-          f"{torch.get_num_threads()} thread(s), median of {args.steps} steps after {args.warmup}\n")
+          f"{torch.get_num_threads()} thread(s), median of {args.steps} steps after {args.warmup}"
+          + "".join(f", {flag}" for flag, on in (("cached items", args.cache_data), ("fused AdamW", args.fused_optim))
+                    if on) + "\n")
     print(format_table(medians))
     if table:
         print(f"\ntop {args.ops} operators by self CPU time (one step):\n{table}")
