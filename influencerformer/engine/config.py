@@ -508,10 +508,16 @@ def build_model(cfg: Config, num_classes: int) -> Any:
 
 
 def build_criterion(cfg: Config, num_classes: int) -> Any:
-    """The configured criterion; bad keyword arguments become a ConfigError naming the criterion."""
+    """The configured criterion; bad keyword arguments become a ConfigError naming the criterion. Point data:
+    plus what the point model's options add to it (its semantic head's term; engine/points.py)."""
     from influencerformer.losses.registry import build_criterion as build
 
     try:
-        return build(cfg.criterion.name, num_classes, **cfg.criterion.kwargs)
+        criterion = build(cfg.criterion.name, num_classes, **cfg.criterion.kwargs)
+        if is_point_data(cfg.data):
+            from .points import attach_point_terms
+
+            attach_point_terms(criterion, cfg.criterion.name, cfg.model.preset, cfg.model.overrides)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"criterion {cfg.criterion.name!r}: {exc}") from None
+    return criterion

@@ -9,6 +9,10 @@ AP over IoU 0.50:0.05:0.90, AP50, AP25, minimum region 100 points) — the numbe
 Instance classes: rooms3d and S3DIS use S3DIS's 13 classes (rooms3d's ceiling, floor and wall
 carry no instances); ScanNet uses its 18 instance classes (the 20 benchmark classes without wall
 and floor), mapped from the semantic labels by the dataset's ``instance_class_map``.
+
+Semantic segmentation (a model with a semantic head): targets also carry each point's semantic label
+(``sem_labels``, -1 = none; S3DIS / rooms3d 13 classes, ScanNet 20), the criterion gains ``loss_sem``
+(:func:`attach_point_terms`) and evaluation adds semantic ``mIoU`` over every point of the val scenes.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ import torch
 from torch.utils.data import Dataset
 
 from influencerformer.data.pointcloud import instance_targets
-from influencerformer.metrics import InstanceAP3D, query_usage
-from influencerformer.models import instance_inference
+from influencerformer.losses.semantic import IGNORE, add_semantic_term
+from influencerformer.metrics import InstanceAP3D, MeanIoU, query_usage
+from influencerformer.models import PointModelConfig, instance_inference
 
 from .evaluate import InstanceCounts, model_inputs, unwrap
 
@@ -33,11 +38,13 @@ class PointScenes(Dataset):
 
     Items are the reader's ``{coords, colors, sem_labels, instance_labels, scene_id}``; ``cache``
     keeps every item in memory after its first read (rooms3d generates scenes on the fly, which
-    costs more than a training step on a CPU)."""
+    costs more than a training step on a CPU). ``semantic_class_names``: the classes of ``sem_labels``
+    (None = ``class_names``; ScanNet's 20 differ from its 18 instance classes)."""
 
     def __init__(self, scenes: Dataset, class_names: Sequence[str], class_map: Sequence[int], *,
-                 cache: bool = False) -> None:
+                 cache: bool = False, semantic_class_names: Sequence[str] | None = None) -> None:
         self.scenes, self.class_names, self.class_map = scenes, list(class_names), list(class_map)
+        self.semantic_class_names = list(class_names if semantic_class_names is None else semantic_class_names)
         self._cache: dict[int, dict] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -76,9 +83,10 @@ def build_point_dataset(name: str, root: str | None, split: str, *, num_scenes: 
     else:
         scenes = PreprocessedPointDataset(path, name, split=split)
         class_names, class_map = scenes.instance_class_names, scenes.instance_class_map
+    semantic = scenes.class_names  # the classes of sem_labels (raw S3DIS: the instance classes too)
     if num_scenes is not None and num_scenes < len(scenes):
         scenes = Subset(scenes, range(num_scenes))  # the first scenes: a fixed evaluation subset
-    return PointScenes(scenes, class_names, class_map)
+    return PointScenes(scenes, class_names, class_map, semantic_class_names=semantic)
 
 
 def sample_indices(n: int, num_points: int | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
@@ -94,9 +102,10 @@ def sample_indices(n: int, num_points: int | None, generator: torch.Generator | 
 
 def collate_points(items: list[dict], *, num_points: int | None, class_map: Sequence[int] | None,
                    generator: torch.Generator | None = None) -> dict[str, Any]:
-    """Scenes → ``{"coords" (B, N, 3), "colors" (B, N, 3), "targets": [{"labels" (K,), "masks" bool (K, N)}],
-    "scene_ids"}`` (+ ``"super_points" (B, N)`` when every scene has them) with N = ``num_points`` sampled
-    per scene (None: every point; scenes must then agree)."""
+    """Scenes → ``{"coords" (B, N, 3), "colors" (B, N, 3), "targets": [{"labels" (K,), "masks" bool (K, N),
+    "sem_labels" long (N,)}], "scene_ids"}`` (+ ``"super_points" (B, N)`` when every scene has them) with
+    N = ``num_points`` sampled per scene (None: every point; scenes must then agree). ``sem_labels`` is each
+    point's semantic class (-1 = none), read only by a semantic head's term."""
     if num_points is None and len({len(item["coords"]) for item in items}) > 1:
         sizes = [len(item["coords"]) for item in items]
         raise ValueError(f"scenes of a batch have different point counts {sizes}: set data.num_points "
@@ -112,7 +121,8 @@ def collate_points(items: list[dict], *, num_points: int | None, class_map: Sequ
         columns["colors"].append(pick(item["colors"]).float())
         if with_super_points:
             columns["super_points"].append(pick(item["super_points"]).long())
-        targets.append(instance_targets(pick(item["instance_labels"]), pick(item["sem_labels"]), class_map))
+        sem = pick(item["sem_labels"]).long()
+        targets.append({**instance_targets(pick(item["instance_labels"]), sem, class_map), "sem_labels": sem})
     batch = {key: torch.stack(values) for key, values in columns.items() if values}
     return {**batch, "targets": targets, "scene_ids": [item.get("scene_id", "") for item in items]}
 
@@ -123,10 +133,13 @@ def make_point_collate(dataset: PointScenes, num_points: int | None,
 
 
 class PointEvaluator:
-    """3D instance AP (ScanNet protocol) on whole val scenes, plus F1 / duplicates / query usage.
+    """3D instance AP (ScanNet protocol) on whole val scenes, plus F1 / duplicates / query usage, and semantic
+    ``mIoU`` when the model has a semantic head (no key otherwise).
 
     Each scene runs alone (batch 1) on every one of its points; masks are Mask2Former's instance
-    inference (top-k (query, class) pairs, no NMS), binarised at logit 0."""
+    inference (top-k (query, class) pairs, no NMS), binarised at logit 0. mIoU: each point's most likely
+    semantic class against its label (unlabelled points left out), counts summed over scenes, classes
+    absent from both left out of the mean (``MeanIoU``)."""
 
     def __init__(self, dataset: PointScenes, info: Any, *, topk: int = 100) -> None:
         self.dataset, self.info, self.topk = dataset, info, topk
@@ -139,6 +152,7 @@ class PointEvaluator:
         model.eval()
         ap = InstanceAP3D(self.info.class_names, min_region_size=MIN_REGION_SIZE)
         counts = InstanceCounts(self.info, with_pq=False)
+        miou = None
         for index in range(len(self.dataset)):
             batch = self.collate([self.dataset[index]])
             logits, res = scene_instances(model, batch, device, topk=self.topk)
@@ -146,20 +160,41 @@ class PointEvaluator:
             ap.update({"masks": res["masks"], "labels": res["labels"], "scores": res["scores"]}, gt)
             counts.add(res, gt["masks"], gt["labels"])
             counts.no_object.append(query_usage(logits))
+            if "semantic" in res:
+                if miou is None:  # classes: the head's or the data's, whichever is more (a missing one scores 0)
+                    miou = MeanIoU(max(res["num_semantic"], len(self.dataset.semantic_class_names)), IGNORE)
+                miou.update(res["semantic"], gt["sem_labels"])
         model.train(was_training)
         result = ap.compute()
-        return {"AP": result["AP"], "AP50": result["AP50"], "AP25": result["AP25"], **counts.summary()}
+        semantic = {} if miou is None else {"mIoU": miou.compute()["mIoU"]}
+        return {"AP": result["AP"], "AP50": result["AP50"], "AP25": result["AP25"], **semantic, **counts.summary()}
 
 
 def scene_instances(model: torch.nn.Module, batch: dict[str, Any], device: torch.device | str,
                     *, topk: int = 100) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Class logits ``(Q, C+1)`` and Mask2Former instance inference (no NMS; masks bool ``(N, P)``) of the
-    one scene in ``batch``, on the CPU."""
+    one scene in ``batch``, on the CPU; with a semantic head also ``"semantic"`` (P,) long, each point's most
+    likely class, and ``"num_semantic"`` (the head's class count)."""
     outputs = model(*model_inputs(batch, device))
     logits = outputs["pred_logits"][0].float().cpu()
     res = instance_inference(logits, outputs["pred_masks"][0, :, None, :].float().cpu(), None, topk=topk)
     res["masks"] = res["masks"][:, 0]
+    if "sem_logits" in outputs:
+        res["semantic"] = outputs["sem_logits"][0].argmax(-1).cpu()
+        res["num_semantic"] = outputs["sem_logits"].shape[-1]
     return logits, res
+
+
+def attach_point_terms(criterion: torch.nn.Module, criterion_name: str, preset: str,
+                       overrides: dict[str, Any]) -> None:
+    """What the point model's options add to its criterion: the semantic head's ``loss_sem`` (weight
+    ``model.semantic_weight``). ValueError when the ``seeded`` criterion meets a model without seeds."""
+    model_cfg = PointModelConfig.preset(preset, **overrides)
+    if criterion_name == "seeded" and model_cfg.query_init != "sampled":
+        raise ValueError("the seeded criterion needs each query's seed point: set model.query_init=sampled "
+                         f"(the model's query_init is {model_cfg.query_init!r})")
+    if model_cfg.semantic_head:
+        add_semantic_term(criterion, model_cfg.semantic_weight)
 
 
 # ----------------------------------------------------------------------------------------- pictures

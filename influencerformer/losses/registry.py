@@ -15,6 +15,12 @@ def _hungarian(num_classes: int, **kwargs: Any) -> nn.Module:
     return HungarianCriterion(num_classes, **kwargs)
 
 
+def _seeded(num_classes: int, **kwargs: Any) -> nn.Module:
+    from .seeded import SeededCriterion
+
+    return SeededCriterion(num_classes, **kwargs)
+
+
 def _influencer(form: str | None) -> Callable[..., nn.Module]:
     def build(num_classes: int, **kwargs: Any) -> nn.Module:
         from .influencer_criterion import MaskInfluencerCriterion
@@ -33,11 +39,13 @@ CRITERIA: dict[str, Callable[..., nn.Module]] = {
     "transport": _influencer("transport"),
     "ownership": _influencer("ownership"),
     "seed": _influencer("seed"),
+    "seeded": _seeded,  # OneFormer3D's sparse matcher: targets fixed by each query's seed point (point clouds)
 }
 
 
 def build_criterion(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build a criterion by registered name (``hungarian``, ``influencer``, ``transport``, ``ownership``, ``seed``)."""
+    """Build a criterion by registered name (``hungarian``, ``influencer``, ``transport``, ``ownership``, ``seed``,
+    ``seeded``)."""
     if name not in CRITERIA:
         raise ValueError(f"unknown criterion {name!r}; registered criteria: {', '.join(sorted(CRITERIA))}")
     return CRITERIA[name](num_classes, **kwargs)

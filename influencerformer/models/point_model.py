@@ -10,6 +10,14 @@ Mask2Former); the voxel masks are then gathered back to the points. No compiled 
 
 Scenes in a batch have the same number of points N (sample them to a fixed count) but any
 number of voxels: the backbone works on all voxels of the batch at once, the decoder per scene.
+
+Two options, both off by default (each changes training, so existing results stay as they were):
+- ``query_init="sampled"`` (OneFormer3D's ScanNet setting): the queries start from the features and
+  positions of Q points sampled in each scene instead of learned embeddings; ``outputs["query_seeds"]``
+  gives each query's seed point, which the ``seeded`` criterion turns into its target.
+- ``semantic_head``: a linear layer on the finest voxel features gives per-point semantic logits
+  ``outputs["sem_logits"]`` (OneFormer3D reports semantic mIoU next to instance AP).
+Their modules are created after every other one, so turning them on leaves the other weights' init unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .query_decoder import MLP, QueryDecoder
+from .query_decoder import MLP, QueryDecoder, attention_mask_from_masks
+
+QUERY_INITS = ("learned", "sampled")
 
 
 @dataclass
@@ -32,6 +42,9 @@ class PointModelConfig:
     num_decoder_layers / nheads / dim_feedforward: the QueryDecoder's.
     voxel_size: finest grid in metres. num_levels: grids of voxel_size · 2^l, l < num_levels.
     blocks_per_level: neighbourhood blocks on each grid. masked_attention: Mask2Former's.
+    query_init: "learned" (Mask2Former's embeddings) or "sampled" (each query starts at a sampled point).
+    semantic_head: per-point semantic logits over num_semantic_classes (None = num_classes; ScanNet has 20
+    semantic classes but 18 instance classes), trained with weight semantic_weight (OneFormer3D: 0.2).
     """
 
     num_classes: int = 13
@@ -44,6 +57,10 @@ class PointModelConfig:
     num_levels: int = 4
     blocks_per_level: int = 2
     masked_attention: bool = True
+    query_init: str = "learned"
+    semantic_head: bool = False
+    num_semantic_classes: int | None = None
+    semantic_weight: float = 0.2
 
     def __post_init__(self) -> None:
         for name in (
@@ -64,6 +81,20 @@ class PointModelConfig:
             )
         if not self.voxel_size > 0:
             raise ValueError(f"PointModelConfig.voxel_size: expected > 0, got {self.voxel_size}")
+        if self.query_init not in QUERY_INITS:
+            raise ValueError(f"PointModelConfig.query_init: expected one of {', '.join(QUERY_INITS)}, "
+                             f"got {self.query_init!r}")
+        if self.num_semantic_classes is not None and int(self.num_semantic_classes) < 1:
+            raise ValueError(f"PointModelConfig.num_semantic_classes: expected >= 1 or None, "
+                             f"got {self.num_semantic_classes}")
+        if not (self.semantic_weight >= 0 and self.semantic_weight < float("inf")):
+            raise ValueError(f"PointModelConfig.semantic_weight: expected a finite number >= 0, "
+                             f"got {self.semantic_weight}")
+
+    @property
+    def semantic_classes(self) -> int:
+        """Classes of the semantic head (num_semantic_classes, or num_classes when it is None)."""
+        return int(self.num_semantic_classes or self.num_classes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -232,14 +263,44 @@ def superpoint_mean(masks: torch.Tensor, index: torch.Tensor, size: int) -> torc
     return scatter_mean(flat, index, size)[index].T.reshape(q, b, n).permute(1, 0, 2)
 
 
+def sample_seeds(num_scenes: int, num_points: int, num_queries: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, Q) seed point indices: Q distinct points per scene, uniform (a scene of fewer points repeats some)."""
+    seeds = torch.rand(num_scenes, num_points, generator=generator).argsort(1)[:, :num_queries]
+    if num_points < num_queries:
+        extra = torch.randint(num_points, (num_scenes, num_queries - num_points), generator=generator)
+        seeds = torch.cat([seeds, extra], 1)
+    return seeds
+
+
+def decode_from(decoder: QueryDecoder, memory: torch.Tensor, mask_features: torch.Tensor, pos: torch.Tensor,
+                queries: torch.Tensor, query_pos: torch.Tensor) -> dict:
+    """``decoder``'s layers and heads run from given initial queries ``(B, Q, D)`` and their positions instead of its
+    learned embeddings; one point memory ``(B, P, D)`` with mask features ``(B, D_m, P)``. Same output as
+    ``QueryDecoder.forward`` (whose loop this repeats: it takes no initial queries)."""
+    preds = [decoder.predict(queries, mask_features)]
+    for cross, self_attn, ffn in zip(decoder.cross, decoder.self_attn, decoder.ffn):
+        attn_mask = attention_mask_from_masks(preds[-1][1], decoder.nheads) if decoder.masked_attention else None
+        queries = cross(queries, memory, attn_mask=attn_mask, pos=pos, query_pos=query_pos)
+        queries = ffn(self_attn(queries, query_pos))
+        preds.append(decoder.predict(queries, mask_features))
+    return {"pred_logits": preds[-1][0], "pred_masks": preds[-1][1],
+            "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in preds[:-1]]}
+
+
 class PointQueryModel(nn.Module):
     """``forward(coords (B, N, 3) metres, colors (B, N, 3) in [0, 1], super_points (B, N) or None)`` →
     ``{"pred_logits": (B, Q, C+1), "pred_masks": (B, Q, N) point mask logits,
-    "aux_outputs": [num_decoder_layers dicts of the same], "point_to_voxel": (B, N)}``.
+    "aux_outputs": [num_decoder_layers dicts of the same], "point_to_voxel": (B, N)}``, plus
+    ``"query_seeds": (B, Q) long`` (query_init "sampled") and ``"sem_logits": (B, N, S)`` (semantic_head).
 
     Masks are predicted per finest voxel and read at each point's voxel, so every point of a voxel
     shares its logit; with ``super_points`` (e.g. ScanNet's segments) they are then averaged over each
-    superpoint. The backbone runs on the whole batch; the decoder once per scene.
+    superpoint (semantic logits too). The backbone runs on the whole batch; the decoder once per scene.
+
+    Sampled queries: query q of a scene starts from its seed point's voxel, content ``query_proj(feature)`` and
+    position the memory's positional embedding there. Seeds are uniform random points in training (the global
+    RNG) and a fixed draw (generator seeded 0) in eval mode, so evaluation is repeatable.
     """
 
     def __init__(self, cfg: PointModelConfig) -> None:
@@ -259,21 +320,19 @@ class PointQueryModel(nn.Module):
             mask_dim=d,
             masked_attention=cfg.masked_attention,
         )
+        # optional modules last: the weights above get the same init whether or not they exist
+        self.query_proj = self.sem_head = None
+        if cfg.query_init == "sampled":
+            self.decoder.query_feat = self.decoder.query_embed = None  # unused: no parameter without a gradient
+            self.query_proj = nn.Linear(d, d)
+        if cfg.semantic_head:
+            self.sem_head = nn.Linear(d, cfg.semantic_classes)
 
     def forward(self, coords: torch.Tensor, colors: torch.Tensor, super_points: torch.Tensor | None = None) -> dict:
         """super_points: optional (B, N) integer id of each point's superpoint (any ids, per scene); when
         given, every mask logit is averaged over its superpoint, so masks are predicted per superpoint."""
-        if coords.dim() != 3 or coords.shape[-1] != 3 or colors.shape != coords.shape:
-            raise ValueError(
-                f"PointQueryModel: expected coords and colors (B, N, 3), got {tuple(coords.shape)} "
-                f"and {tuple(colors.shape)}"
-            )
-        if super_points is not None and (super_points.shape != coords.shape[:2] or super_points.is_floating_point()):
-            raise ValueError(
-                f"PointQueryModel: expected integer super_points (B, N) = {tuple(coords.shape[:2])}, "
-                f"got {super_points.dtype} {tuple(super_points.shape)}"
-            )
-        b = coords.shape[0]
+        self._check(coords, colors, super_points)
+        b, n = coords.shape[:2]
         with torch.no_grad():  # the grids are integer bookkeeping, not a gradient path
             point_to_voxel, levels = voxelize(coords, self.cfg.voxel_size, self.cfg.num_levels)
         feats = self.backbone(coords, colors, point_to_voxel, levels)
@@ -282,6 +341,11 @@ class PointQueryModel(nn.Module):
         centres = centres - scatter_mean(centres, batch, b)[batch]  # positions relative to the scene's middle
         counts = torch.bincount(batch, minlength=b)
         first = counts.cumsum(0) - counts
+        local = point_to_voxel - first[:, None]  # (B, N): each point's voxel within its scene
+        seeds = None
+        if self.query_proj is not None:
+            generator = None if self.training else torch.Generator().manual_seed(0)
+            seeds = sample_seeds(b, n, self.cfg.num_queries, generator).to(coords.device)
         per_scene = zip(
             feats.split(counts.tolist()),
             self.mask_proj(feats).split(counts.tolist()),
@@ -289,8 +353,14 @@ class PointQueryModel(nn.Module):
         )
         # the decoder runs per scene (as OneFormer3D's does): scenes have different voxel counts,
         # and padding would leak into cross-attention through masked attention's empty-mask fallback
-        outs = [self.decoder([mem[None]], mf.T[None], [pos[None]]) for mem, mf, pos in per_scene]
-        local = point_to_voxel - first[:, None]  # (B, N): each point's voxel within its scene
+        outs = []
+        for i, (mem, mf, pos) in enumerate(per_scene):
+            if seeds is None:
+                outs.append(self.decoder([mem[None]], mf.T[None], [pos[None]]))
+            else:
+                voxel = local[i, seeds[i]]  # (Q,) each seed's voxel
+                outs.append(decode_from(self.decoder, mem[None], mf.T[None], pos[None],
+                                        self.query_proj(mem[voxel])[None], pos[voxel][None]))
 
         pool = None if super_points is None else _superpoint_index(super_points)
 
@@ -307,7 +377,25 @@ class PointQueryModel(nn.Module):
         result = layer(lambda o: o)
         result["aux_outputs"] = [layer(lambda o, i=i: o["aux_outputs"][i]) for i in range(self.cfg.num_decoder_layers)]
         result["point_to_voxel"] = point_to_voxel
+        if seeds is not None:
+            result["query_seeds"] = seeds
+        if self.sem_head is not None:
+            sem = self.sem_head(feats)[point_to_voxel]  # (B, N, S): each point reads its voxel
+            result["sem_logits"] = sem if pool is None else superpoint_mean(sem.transpose(1, 2), *pool).transpose(1, 2)
         return result
+
+    @staticmethod
+    def _check(coords: torch.Tensor, colors: torch.Tensor, super_points: torch.Tensor | None) -> None:
+        if coords.dim() != 3 or coords.shape[-1] != 3 or colors.shape != coords.shape:
+            raise ValueError(
+                f"PointQueryModel: expected coords and colors (B, N, 3), got {tuple(coords.shape)} "
+                f"and {tuple(colors.shape)}"
+            )
+        if super_points is not None and (super_points.shape != coords.shape[:2] or super_points.is_floating_point()):
+            raise ValueError(
+                f"PointQueryModel: expected integer super_points (B, N) = {tuple(coords.shape[:2])}, "
+                f"got {super_points.dtype} {tuple(super_points.shape)}"
+            )
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
