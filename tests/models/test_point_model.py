@@ -142,3 +142,112 @@ def test_super_points_share_one_logit_each(scene):
     assert model.mask_proj.weight.grad is not None and model.mask_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match=r"expected integer super_points \(B, N\)"):
         model(coords, colors, super_points.float())
+
+
+# ------------------------------------------------------------------ options: sampled queries, semantic head
+
+
+def test_options_off_add_nothing_and_on_leave_the_other_weights_unchanged(scene):
+    torch.manual_seed(0)
+    plain = PointQueryModel(PointModelConfig(**TINY))
+    torch.manual_seed(0)
+    both = PointQueryModel(PointModelConfig(**TINY, query_init="sampled", semantic_head=True))
+    a, b = plain.state_dict(), both.state_dict()
+    assert sorted(set(a) ^ set(b)) == ["decoder.query_embed.weight", "decoder.query_feat.weight",
+                                       "query_proj.bias", "query_proj.weight", "sem_head.bias", "sem_head.weight"]
+    assert all(torch.equal(a[k], b[k]) for k in set(a) & set(b))  # same init: the new modules come last
+    out = plain.eval()(scene["coords"][None], scene["colors"][None])
+    assert "query_seeds" not in out and "sem_logits" not in out
+
+
+def test_sampled_queries_give_seeds_fixed_in_eval_and_drawn_in_training(scene):
+    torch.manual_seed(0)
+    model = PointQueryModel(PointModelConfig(**TINY, query_init="sampled")).eval()
+    coords = torch.stack([scene["coords"], scene["coords"] * 0.5])
+    colors = torch.stack([scene["colors"], scene["colors"]])
+    with torch.no_grad():
+        first, again = model(coords, colors), model(coords, colors)
+    seeds = first["query_seeds"]
+    assert seeds.shape == (2, 32) and seeds.dtype == torch.long
+    assert all(len(row.unique()) == 32 for row in seeds) and 0 <= seeds.min() and seeds.max() < coords.shape[1]
+    assert torch.equal(seeds, again["query_seeds"]) and torch.equal(first["pred_masks"], again["pred_masks"])
+    assert len(first["aux_outputs"]) == TINY["num_decoder_layers"]
+    model.train()
+    assert not torch.equal(model(coords, colors)["query_seeds"], model(coords, colors)["query_seeds"])
+    # a scene of fewer points than queries repeats some seeds
+    few = model(coords[:1, :20], colors[:1, :20])["query_seeds"]
+    assert few.shape == (1, 32) and len(few[0].unique()) == 20
+
+
+def test_query_content_comes_from_the_seed_voxel(scene):
+    """Moving the seeds moves the queries: the same model gives other initial predictions from other seeds."""
+    from influencerformer.models import point_model
+
+    torch.manual_seed(0)
+    model = PointQueryModel(PointModelConfig(**TINY, query_init="sampled")).eval()
+    coords, colors = scene["coords"][None], scene["colors"][None]
+    with torch.no_grad():
+        out = model(coords, colors)
+        original = point_model.sample_seeds
+        try:
+            point_model.sample_seeds = lambda b, n, q, generator=None: torch.zeros(b, q, dtype=torch.long)
+            same = model(coords, colors)
+        finally:
+            point_model.sample_seeds = original
+    init = same["aux_outputs"][0]["pred_logits"][0]
+    assert torch.allclose(init, init[:1].expand_as(init))  # one seed for all: identical initial queries
+    assert not torch.allclose(out["aux_outputs"][0]["pred_logits"][0], init)
+
+
+def test_semantic_head_gives_point_logits_shared_per_voxel_and_superpoint(scene):
+    torch.manual_seed(0)
+    model = PointQueryModel(PointModelConfig(**TINY, semantic_head=True, num_semantic_classes=20))
+    coords, colors = scene["coords"][None], scene["colors"][None]
+    out = model(coords, colors)
+    sem, p2v = out["sem_logits"], out["point_to_voxel"]
+    assert sem.shape == (1, coords.shape[1], 20)
+    same = p2v[0] == p2v[0][0]
+    assert torch.allclose(sem[0][same], sem[0][0].expand(int(same.sum()), -1))
+    super_points = (coords[..., 0] // 0.5).long() * 100 + (coords[..., 1] // 0.5).long()
+    pooled = model(coords, colors, super_points)["sem_logits"][0]
+    members = super_points[0] == super_points[0][0]
+    assert torch.allclose(pooled[members], sem[0][members].mean(0, keepdim=True).expand_as(pooled[members]),
+                          atol=1e-5)
+    assert PointModelConfig(**TINY, semantic_head=True).semantic_classes == 13  # None = num_classes
+
+
+def test_gradients_reach_every_parameter_with_both_options(scene):
+    torch.manual_seed(0)
+    model = PointQueryModel(PointModelConfig(**TINY, query_init="sampled", semantic_head=True))
+    out = model(scene["coords"][None], scene["colors"][None])
+    (out["pred_masks"].sigmoid().mean() + out["pred_logits"].mean() + out["sem_logits"].logsumexp(-1).mean()
+     + sum(a["pred_masks"].mean() for a in out["aux_outputs"])).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_seeded_criterion_overfits_one_room(scene):
+    torch.manual_seed(0)
+    model = PointQueryModel(PointModelConfig(**TINY, query_init="sampled"))
+    criterion = build_criterion("seeded", 13, num_points=None)
+    targets = [instance_targets(scene["instance_labels"], scene["sem_labels"])]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    coords, colors = scene["coords"][None], scene["colors"][None]
+    history = []
+    for _ in range(30):
+        losses = criterion(model(coords, colors), targets)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        history.append({k: float(v.detach()) for k, v in losses.items()})
+    assert all(torch.isfinite(torch.tensor(list(h.values()))).all() for h in history)
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+
+
+def test_option_values_are_checked():
+    with pytest.raises(ValueError, match=r"query_init: expected one of learned, sampled, got 'random'"):
+        PointModelConfig(query_init="random")
+    with pytest.raises(ValueError, match=r"num_semantic_classes: expected >= 1 or None, got 0"):
+        PointModelConfig(num_semantic_classes=0)
+    with pytest.raises(ValueError, match=r"semantic_weight: expected a finite number >= 0"):
+        PointModelConfig(semantic_weight=float("nan"))
