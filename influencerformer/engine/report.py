@@ -22,7 +22,7 @@ from .config import Config, is_point_data
 
 TABLE = [  # (results key, column title, format); "±" cells are mean ± sd over seeds
     ("AP", "AP", "{:.3f}"), ("AP50", "AP50", "{:.3f}"), ("AP75", "AP75", "{:.3f}"), ("AP25", "AP25", "{:.3f}"),
-    ("F1", "F1", "{:.3f}"),
+    ("mIoU", "mIoU", "{:.3f}"), ("F1", "F1", "{:.3f}"),
     ("duplicate_rate", "dup. rate", "{:.3f}"), ("no_object_queries", "no-object queries", "{:.2f}"),
     ("PQ", "PQ", "{:.3f}"), ("final_loss", "final loss", "{:.3f}"),
     ("loss_ms", "loss ms/step", "{:.1f}"), ("assign_ms", "assign. ms/step", "{:.1f}"), ("step_ms", "ms/step", "{:.1f}"),
@@ -36,6 +36,8 @@ TIMING_KEYS = ("loss_ms", "assign_ms", "step_ms")
 VERDICT_METRICS = {"AP": (True, "AP"), "F1": (True, "F1"), "duplicate_rate": (False, "dup. rate")}
 
 COLUMN_DOCS = {  # column key → its line in the "Columns" section (AP's depends on the data: see ap_doc)
+    "mIoU": "- mIoU: semantic mIoU of the point model's semantic head on every point of the val scenes (each point's "
+            "most likely class; classes absent from prediction and ground truth left out).",
     "F1": "- F1: predictions with score > 0.5 matched one-to-one at IoU ≥ 0.5 (same class); duplicates count as "
           "false positives.",
     "duplicate_rate": "- dup. rate: ground-truth instances claimed by ≥ 2 predictions with score > 0.5.",
@@ -170,7 +172,8 @@ def _spread_note(summary: dict[str, dict[str, Any]], names: Sequence[str], sprea
 
 
 def present_columns(summary: dict[str, dict[str, Any]], names: Sequence[str]) -> list[tuple[str, str, str]]:
-    """The TABLE columns some variant has a value for (images: AP75, PQ; point clouds: AP25)."""
+    """The TABLE columns some variant has a value for (images: AP75, PQ; point clouds: AP25, mIoU with a
+    semantic head)."""
     return [col for col in TABLE if any(summary[name][col[0]]["mean"] is not None for name in names)]
 
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from influencerformer.cli import main
 from influencerformer.data.rooms3d import Rooms3D
@@ -138,6 +139,7 @@ def test_compare_writes_a_3d_report(tmp_path):
     results = compare(cfg, ["hungarian", "influencer"], [0], tmp_path / "cmp", num_images=1)
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "| AP25 |" in report and "AP75" not in report and "PQ |" not in report and "loss share" in report
+    assert "mIoU" not in report  # no semantic head: no column
     assert (tmp_path / "cmp" / "masks.png").stat().st_size > 0
     runs = json.loads((tmp_path / "cmp" / "results.json").read_text())["runs"]
     assert [r["criterion"] for r in runs] == ["hungarian", "influencer"] == [r["criterion"] for r in results["runs"]]
@@ -188,3 +190,124 @@ def test_scannet_with_super_points_trains_and_evaluates(tmp_path):
     result = train(cfg)
     assert result["steps"] == 2 and result["AP25"] >= 0.0
     assert evaluate_checkpoint(tmp_path / "run", device="cpu")["AP"] == result["AP"]
+
+
+# ------------------------------------------------------------- semantic head, seeded criterion, real layouts
+
+
+def test_collate_targets_carry_the_sampled_points_semantic_labels():
+    item = _scene([0, 0, 1, 1, -1], [1, 1, 2, 2, -1])
+    batch = collate_points([item], num_points=3, class_map=None, generator=torch.Generator().manual_seed(0))
+    index = (batch["colors"][0, :, 0] * 100).round().long()
+    assert torch.equal(batch["targets"][0]["sem_labels"], item["sem_labels"][index])
+
+
+class _SemanticOracle(_Oracle):
+    """The oracle plus semantic logits: the true class of every labelled point (class 0 where unlabelled)."""
+
+    def __init__(self, scenes, num_classes):
+        super().__init__(scenes, num_classes)
+        self.semantics = {len(s["sem_labels"]): F.one_hot(s["sem_labels"].clamp(min=0), num_classes).float() * 10
+                          for s in scenes}
+
+    def forward(self, coords, colors):
+        return {**super().forward(coords, colors), "sem_logits": self.semantics[coords.shape[1]][None]}
+
+
+def test_evaluator_reports_miou_only_for_a_model_with_a_semantic_head():
+    rooms = Rooms3D("val", num_scenes=2, points_per_room=(3000, 4000), seed=3)
+    dataset = PointScenes(rooms, Rooms3D.class_names, range(13), cache=True)
+    info = build_dataset(DataConfig(name="rooms3d", num_val=2, points_per_room=[3000, 4000], seed=3), "val")[1]
+    scenes = [dataset[0], dataset[1]]
+    assert "mIoU" not in PointEvaluator(dataset, info)(_Oracle(scenes, 13))
+    metrics = PointEvaluator(dataset, info)(_SemanticOracle(scenes, 13))
+    assert metrics["mIoU"] == 1.0 and metrics["AP"] == 1.0
+    wrong = _SemanticOracle(scenes, 13)
+    for logits in wrong.semantics.values():
+        logits[:, [0, 1]] = logits[:, [1, 0]]  # ceiling and floor swapped: their IoU is 0, the other classes 1
+    present = len(set(torch.cat([s["sem_labels"] for s in scenes]).tolist()) - {-1})
+    assert PointEvaluator(dataset, info)(wrong)["mIoU"] == pytest.approx((present - 2) / present)
+
+
+def _cli_run(tmp_path, name, *argv, capsys=None):
+    """train (CLI) a tiny model on ``name``; returns the exit status and the run folder."""
+    tiny = [item for item in TINY_3D if not item.startswith("data.name")]
+    args = ["train", "--data", name, "--steps", "2", "--out", str(tmp_path / "run"), *argv]
+    for item in tiny + ["train.eval_every=2"]:
+        args += ["--set", item]
+    return main(args), tmp_path / "run"
+
+
+def test_seeded_criterion_and_semantic_head_train_and_evaluate_from_the_cli(tmp_path, capsys):
+    code, run = _cli_run(tmp_path, "rooms3d", "--criterion", "seeded", "--set", "model.query_init=sampled",
+                         "--set", "model.semantic_head=true")
+    assert code == 0
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if r["kind"] == "train"]
+    assert all("loss_sem" in r and "loss_mask_0" in r for r in train_lines)
+    final = [r for r in lines if r["kind"] == "eval"][-1]
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--device", "cpu", "--output", str(tmp_path / "eval.json")]) == 0
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert {k: again[k] for k in ("AP", "AP25", "mIoU")} == {k: final[k] for k in ("AP", "AP25", "mIoU")}
+    code, _ = _cli_run(tmp_path / "learned", "rooms3d", "--criterion", "seeded")
+    assert code == 2 and "set model.query_init=sampled" in capsys.readouterr().err
+
+
+def _raw_s3dis(tmp_path):
+    rooms = Rooms3D("train", num_scenes=1, points_per_room=(400, 500))
+    for area in (1, 2, 3, 4, 5, 6):  # the raw split needs every one of its areas (train 1-4, 6; val 5)
+        rooms.write_s3dis_raw(str(tmp_path / "raw"), area=area)
+    return tmp_path / "raw", []
+
+
+def _prepared_s3dis(tmp_path):
+    """The release zip layout (Areas 1 and 5), through `influencerformer prepare s3dis`."""
+    import zipfile
+
+    from influencerformer.data import prepare
+
+    top = tmp_path / "Stanford3dDataset_v1.2_Aligned_Version"
+    Rooms3D("train", num_scenes=2, points_per_room=(400, 500)).write_s3dis_raw(str(top), area=1)
+    Rooms3D("val", num_scenes=1, points_per_room=(400, 500)).write_s3dis_raw(str(top), area=5)
+    zip_path = tmp_path / prepare.S3DIS_ZIP_NAME
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        for path in sorted(top.rglob("*.txt")):
+            zf.write(path, path.relative_to(tmp_path).as_posix())
+    assert main(["prepare", "s3dis", "--zip", str(zip_path), "--root", str(tmp_path / "pre")]) == 0
+    return tmp_path / "pre", []
+
+
+def _scannet(tmp_path):
+    from influencerformer.data.pointcloud import write_preprocessed
+    from influencerformer.data.rooms3d import S3DIS_TO_NYU40
+
+    rooms = Rooms3D("train", num_scenes=2, points_per_room=(800, 900))
+    for i in range(2):
+        scene = dict(rooms[i])
+        scene["sem_labels"] = torch.as_tensor(S3DIS_TO_NYU40)[scene["sem_labels"]]
+        scene["super_points"] = (scene["coords"][:, 0] // 0.3).long() * 1000 + (scene["coords"][:, 1] // 0.3).long()
+        write_preprocessed(scene, tmp_path / "scannet", f"scene{i:04d}_00")
+    return tmp_path / "scannet", ["--set", "model.num_semantic_classes=20"]  # 20 semantic, 18 instance classes
+
+
+@pytest.mark.parametrize("layout", [_raw_s3dis, _prepared_s3dis, _scannet], ids=["s3dis-raw", "s3dis-prepared",
+                                                                                 "scannet"])
+def test_real_layouts_go_through_train_and_evaluate_on_the_cli(tmp_path, layout, capsys):
+    root, extra = layout(tmp_path)
+    name = "scannet" if layout is _scannet else "s3dis"
+    code, run = _cli_run(tmp_path, name, "--data-root", str(root), "--set", "model.semantic_head=true", *extra)
+    assert code == 0, capsys.readouterr().err
+    final = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert main(["evaluate", str(run), "--device", "cpu", "--output", str(tmp_path / "eval.json")]) == 0
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    assert {"AP", "AP50", "AP25", "mIoU", "F1"} <= set(metrics) and 0.0 <= metrics["mIoU"] <= 1.0
+    assert {k: metrics[k] for k in ("AP", "mIoU")} == {k: final[k] for k in ("AP", "mIoU")}
+
+
+def test_compare_report_gets_an_miou_column_with_a_semantic_head(tmp_path):
+    cfg = tiny_3d(tmp_path, "train.steps=2", "train.eval_every=2", "model.query_init=sampled",
+                  "model.semantic_head=true")
+    compare(cfg, ["hungarian", "seeded"], [0], tmp_path / "cmp", num_images=1)
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| AP25 | mIoU |" in report and "- mIoU: semantic mIoU" in report
