@@ -151,23 +151,13 @@ def _prediction_extent(pred_hw: Sequence[int], size: Sequence[int], padded_hw: S
 # ------------------------------------------------------------------------------------ assignment probe
 
 
-def owners(criterion: Any, targets: Sequence[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-    """Per image, the query that owns each target instance ``(K_i,)`` in the criterion's last call.
-
-    Hungarian: the matched query (``last_indices``: per image ``(query_idx, instance_idx)``).
-    Matching-free: the query of largest plan / ownership weight (``last_assignment``: per image ``(K_i,)``).
-    """
-    indices = getattr(criterion, "last_indices", None)
-    if indices is not None:
-        result = []
-        for (src, tgt), t in zip(indices, targets):
-            own = torch.full((len(t["labels"]),), -1, dtype=torch.long)  # -1: unmatched (K > Q)
-            own[torch.as_tensor(tgt, dtype=torch.long).cpu()] = torch.as_tensor(src, dtype=torch.long).cpu()
-            result.append(own)
-        return result
+def owners(criterion: Any) -> list[torch.Tensor]:
+    """Per image, the query that owns each target instance ``(K_i,)`` in the criterion's last call (-1: none):
+    every criterion's ``last_assignment`` (Hungarian: the matched query; matching-free: the query of largest
+    plan / ownership weight). AttributeError when the criterion has none."""
     assignment = getattr(criterion, "last_assignment", None)
     if assignment is None:
-        raise AttributeError(f"{type(criterion).__name__} exposes neither last_indices nor last_assignment")
+        raise AttributeError(f"{type(criterion).__name__} exposes no last_assignment")
     return [torch.as_tensor(a).long().cpu() for a in assignment]
 
 
@@ -191,7 +181,7 @@ class AssignmentProbe:
         with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
             criterion(outputs, targets)
         try:
-            current = owners(criterion, targets)
+            current = owners(criterion)
         except AttributeError:
             return None
         change = None if self.previous is None else assignment_stability(self.previous, current)

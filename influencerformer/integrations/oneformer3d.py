@@ -117,7 +117,7 @@ class InfluencerCriterion:
         if form is not None:
             options["form"] = form
         if options.get("form", "transport") == "seed":
-            options["cls_weight"] = 1.0  # the seed form's class weight; loss_weight[0] scales it here
+            options["claim_class_weight"] = 1.0  # the seed form's class weight; loss_weight[0] scales it here
         self.criterion = MaskInfluencerCriterion(num_classes, no_object_weight=non_object_weight, num_points=None,
                                                  **options)
         self.num_classes, self.form = num_classes, self.criterion.form

@@ -124,3 +124,10 @@ def linear_sum_assignment_batched(
     if backend != "scipy" and gpu_ok and sizes:
         return _solve_gpu(costs, sizes)
     return _solve_scipy(costs, sizes)
+
+
+def assignment_of(rows: Tensor, cols: Tensor, num_instances: int) -> Tensor:
+    """Matched pairs ``(query_idx, instance_idx)`` -> ``(K,)`` long on the CPU: each instance's query, -1 if none."""
+    owner = torch.full((num_instances,), -1, dtype=torch.long)
+    owner[torch.as_tensor(cols, dtype=torch.long).cpu()] = torch.as_tensor(rows, dtype=torch.long).cpu()
+    return owner

@@ -66,6 +66,7 @@ After each call, ``last_assignment`` holds, per image, the query with the larges
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -103,8 +104,9 @@ class MaskInfluencerCriterion(SetCriterion):
     Args:
         num_classes: foreground classes ``C``.
         form: ``"transport"`` (default), ``"ownership"`` or ``"seed"``.
-        attr_weight, rep_weight, bg_weight, rep_margin, temperature, cls_weight, claim_threshold: seed form
-            (``temperature`` is also the ownership softmax temperature).
+        attr_weight, rep_weight, bg_weight, rep_margin, temperature, claim_class_weight, claim_threshold: seed form
+            (``temperature`` is also the ownership softmax temperature; ``claim_class_weight`` weighs ``loss_cls``,
+            the claim loss, and was called ``cls_weight``, still accepted with a DeprecationWarning).
         class_weight, mask_weight, dice_weight: weights of ``loss_ce``, ``loss_mask``, ``loss_dice`` and of the
             same three terms in the transport cost.
         epsilon, sinkhorn_iters: entropic regularisation (cost units) and Sinkhorn iterations.
@@ -125,19 +127,22 @@ class MaskInfluencerCriterion(SetCriterion):
 
     def __init__(
         self, num_classes: int, *, form: str = "transport", attr_weight: float = 1.0, rep_weight: float = 1.0,
-        bg_weight: float = 0.1, rep_margin: float = 1.0, temperature: float = 1.0, cls_weight: float = 0.5,
+        bg_weight: float = 0.1, rep_margin: float = 1.0, temperature: float = 1.0, claim_class_weight: float = 0.5,
         claim_threshold: float = 0.5, no_object_weight: float = 0.1, num_points: int | None = 12544,
         epsilon: float = 0.1, sinkhorn_iters: int = 30, epsilon_end: float | None = None,
         aux_multiplicity: float = 1.0, quality_targets: bool = False, class_weight: float = 2.0,
         mask_weight: float = 5.0, dice_weight: float = 5.0, detach_plan: bool = True, topk: int | None = None,
-        oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
+        oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75, cls_weight: float | None = None,
     ) -> None:
+        if cls_weight is not None:
+            warnings.warn("cls_weight is deprecated: use claim_class_weight", DeprecationWarning, stacklevel=2)
+            claim_class_weight = cls_weight
         if form not in FORMS:
             raise ValueError(f"form: expected one of {', '.join(FORMS)}, got {form!r}")
         _check_options(temperature=temperature, epsilon=epsilon, sinkhorn_iters=sinkhorn_iters, topk=topk,
                        rep_margin=rep_margin, epsilon_end=epsilon_end, aux_multiplicity=aux_multiplicity)
         if form == "seed":
-            weights = {"loss_attr": attr_weight, "loss_rep": rep_weight, "loss_bg": bg_weight, "loss_cls": cls_weight}
+            weights = {"loss_attr": attr_weight, "loss_rep": rep_weight, "loss_bg": bg_weight, "loss_cls": claim_class_weight}
         else:
             weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
         super().__init__(num_classes, weights, no_object_weight=no_object_weight, num_points=num_points,
@@ -222,11 +227,11 @@ class MaskInfluencerCriterion(SetCriterion):
     # ------------------------------------------------------------------ weight producers
     def _pair_terms(self, pred_logits: Tensor, pred_masks: Tensor, index: Tensor | None,
                     tgt: PointTargets) -> dict[str, Tensor]:
-        """Pair terms with gradient, each ``(B, Q, K)``: ``bce``, ``dice`` (1 - dice) and ``prob`` p_q(c_k)."""
+        """Pair terms with gradient, each ``(B, Q, K)``: ``bce``, ``one_minus_dice`` and ``prob`` p_q(c_k)."""
         prob = _at_least_float32(pred_logits).softmax(-1)
         gather = tgt.labels.unsqueeze(1).expand(-1, prob.shape[1], -1)
         bce, dice = pair_terms(pred_masks.flatten(2), index, tgt.masks_and_ones)
-        return {"bce": bce, "dice": dice, "prob": prob.gather(-1, gather)}
+        return {"bce": bce, "one_minus_dice": dice, "prob": prob.gather(-1, gather)}
 
     def _plans(self, pairs: list[dict[str, Tensor]], tgt: PointTargets) -> tuple[Tensor, Tensor]:
         """Plans of all layers in one Sinkhorn call ``(L, B, Q, K + 1)`` and instance masses ``(L, B)``.
@@ -234,7 +239,7 @@ class MaskInfluencerCriterion(SetCriterion):
         Layer 0 is the final layer (one-to-one); auxiliary layers get ``aux_multiplicity``.
         """
         wc, wm, wd = self.cost_weights
-        cost = torch.stack([wc * (1 - p["prob"]) + wm * p["bce"] + wd * p["dice"] for p in pairs])
+        cost = torch.stack([wc * (1 - p["prob"]) + wm * p["bce"] + wd * p["one_minus_dice"] for p in pairs])
         if self.detach_plan:
             cost = cost.detach()
         queries = cost.shape[2]
@@ -251,7 +256,7 @@ class MaskInfluencerCriterion(SetCriterion):
         points = self._pred_points(pred_masks, index)
         dice = soft_dice_coverage(points, point_targets.masks)  # (B, K, Q)
         weights = ownership_weights(dice, point_targets.valid, self.temperature).transpose(1, 2)  # (B, Q, K)
-        pairs = {"bce": pairwise_sigmoid_bce(points, point_targets.masks), "dice": 1 - dice.transpose(1, 2)}
+        pairs = {"bce": pairwise_sigmoid_bce(points, point_targets.masks), "one_minus_dice": 1 - dice.transpose(1, 2)}
         return {**context, "index": index, "point_targets": point_targets, "pairs": pairs, "weights": weights}
 
     # ------------------------------------------------------------------ the shared weighted terms
@@ -268,12 +273,12 @@ class MaskInfluencerCriterion(SetCriterion):
         mask_weights = weights if mass is None else weights / mass.view(-1, 1, 1)
         if self.topk is None:
             terms = {"loss_mask": loss_mask(mask_weights, pairs["bce"], num_masks),
-                     "loss_dice": loss_dice(mask_weights, pairs["dice"], num_masks)}
+                     "loss_dice": loss_dice(mask_weights, pairs["one_minus_dice"], num_masks)}
         else:
             points = self._pred_points(pred_masks, index)
             bce, dice = _topk_pair_losses(mask_weights, points, point_targets.masks, self.topk, num_masks)
             terms = {"loss_mask": bce, "loss_dice": dice}
-        quality = (1 - pairs["dice"]).detach().clamp(0, 1) if self.quality_targets else None
+        quality = (1 - pairs["one_minus_dice"]).detach().clamp(0, 1) if self.quality_targets else None
         targets = class_targets(weights.detach() if self.detach_plan else weights, point_targets.labels,
                                 self.num_classes, quality)
         return {"loss_ce": loss_ce(pred_logits, targets, self.empty_weight), **terms}

@@ -142,6 +142,7 @@ def test_known_answer_recovers_a_permutation():
     out = criterion({"pred_logits": pred_logits, "pred_masks": pred_masks}, [{"labels": labels, "masks": masks}])
     rows, cols = criterion.last_indices[0]
     assert dict(zip(cols.tolist(), rows.tolist())) == dict(enumerate(owner.tolist()))
+    assert criterion.last_assignment[0].tolist() == owner.tolist()  # the same name as the transport criterion's
     assert out["loss_mask"] < 1e-3 and out["loss_ce"] < 1e-3
 
 

@@ -55,11 +55,18 @@ def test_runs_through_the_interface(form, case):
 
 
 def test_weighted_total_uses_the_form_weights():
-    crit = MaskInfluencerCriterion(C, form="seed", attr_weight=1.5, rep_weight=0.5, bg_weight=0.2, cls_weight=3.0,
-                                   num_points=None)
+    crit = MaskInfluencerCriterion(C, form="seed", attr_weight=1.5, rep_weight=0.5, bg_weight=0.2,
+                                   claim_class_weight=3.0, num_points=None)
     losses = crit(make_outputs(1, (8, 8)), make_targets([2], (8, 8)))
     want = 1.5 * losses["loss_attr"] + 0.5 * losses["loss_rep"] + 0.2 * losses["loss_bg"] + 3.0 * losses["loss_cls"]
     torch.testing.assert_close(losses["loss"], want)
+
+
+def test_old_cls_weight_keyword_still_works_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match="cls_weight is deprecated: use claim_class_weight"):
+        crit = MaskInfluencerCriterion(C, form="seed", cls_weight=3.0)
+    assert crit.weight_dict["loss_cls"] == 3.0
+    assert MaskInfluencerCriterion(C, form="seed").weight_dict["loss_cls"] == 0.5
 
 
 def test_seed_form_equals_pure_function_on_one_item():
@@ -192,7 +199,8 @@ class GridSampleReference(MaskInfluencerCriterion):
     def _pair_terms(self, pred_logits, pred_masks, index, tgt):
         points = self._pred_points(pred_masks, index)
         prob = pred_logits.softmax(-1).gather(-1, tgt.labels.unsqueeze(1).expand(-1, pred_logits.shape[1], -1))
-        return {"bce": pairwise_sigmoid_bce(points, tgt.masks), "dice": pairwise_dice(points, tgt.masks), "prob": prob}
+        return {"bce": pairwise_sigmoid_bce(points, tgt.masks), "one_minus_dice": pairwise_dice(points, tgt.masks),
+                "prob": prob}
 
 
 @pytest.mark.parametrize("form", FORMS)
