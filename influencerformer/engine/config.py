@@ -206,6 +206,10 @@ def _criterion_class(name: str) -> type | None:
         from influencerformer.losses.influencer_criterion import MaskInfluencerCriterion
 
         return MaskInfluencerCriterion
+    if name == "seeded":
+        from influencerformer.losses.seeded import SeededCriterion
+
+        return SeededCriterion
     return None  # registered by someone else: its constructor decides
 
 

@@ -5,10 +5,10 @@ No assignment solver.  The model starts each query at a sampled point and says w
 
 - query ``q`` may answer only for the instance holding its seed (the first one, should masks overlap); a seed on
   no instance makes its query "no object";
-- instance ``k`` keeps at most ``topk`` of the queries seeded in it: those of lowest matching cost
+- instance ``k`` keeps at most ``per_instance`` of the queries seeded in it: those of lowest matching cost
   ``class_weight (1 - p_q(c_k)) + mask_weight BCE(q, k) + dice_weight (1 - dice(q, k))`` on the layer's own
-  predictions.  ``topk = 1`` (default) is OneFormer3D's ScanNet setting (``SparseMatcher(topk=1)`` with
-  ``iter_matcher=True``: every decoder layer picks again, from the same seeds); ``topk = None`` keeps every
+  predictions.  ``per_instance = 1`` (default) is OneFormer3D's ScanNet setting (``SparseMatcher(topk=1)`` with
+  ``iter_matcher=True``: every decoder layer picks again, from the same seeds); ``per_instance = None`` keeps every
   seeded query (one-to-many);
 - the picks become one-hot weights ``(B, Q, K)`` for the shared weighted terms (``weighted_terms.py``):
   ``loss_ce`` (picked queries learn their instance's class, all others "no object"), ``loss_mask`` and
@@ -47,16 +47,16 @@ def seed_owner(target_masks: Tensor, valid: Tensor, seeds: Tensor) -> Tensor:
     return first.transpose(1, 2)
 
 
-def top_seeded(owner: Tensor, cost: Tensor, topk: int | None) -> Tensor:
-    """``(B, Q, K)`` bool: for each instance, its ``topk`` seeded queries of lowest cost (None: all of them).
+def top_seeded(owner: Tensor, cost: Tensor, per_instance: int | None) -> Tensor:
+    """``(B, Q, K)`` bool: for each instance, its ``per_instance`` seeded queries of lowest cost (None: all).
 
     Ties go to the lower query index (stable sort), so the pick is deterministic.
     """
-    if topk is None or owner.shape[-1] == 0:
+    if per_instance is None or owner.shape[-1] == 0:
         return owner
     masked = cost.masked_fill(~owner, float("inf"))
     rank = masked.argsort(dim=1, stable=True).argsort(dim=1, stable=True)  # each query's rank within its column
-    return owner & (rank < topk)
+    return owner & (rank < per_instance)
 
 
 class SeededCriterion(SetCriterion):
@@ -64,7 +64,8 @@ class SeededCriterion(SetCriterion):
 
     Args:
         num_classes: foreground classes ``C``.
-        topk: queries kept per instance among those seeded in it, by lowest cost (None: all).
+        per_instance: queries kept per instance among those seeded in it, by lowest cost (None: all); OneFormer3D's
+            ``topk`` (named apart from ``MaskInfluencerCriterion``'s ``topk``: a comparison shares criterion kwargs).
         class_weight, mask_weight, dice_weight: weights of ``loss_ce``, ``loss_mask``, ``loss_dice`` and of the
             same terms in the cost that picks among an instance's seeded queries (Mask2Former's 2, 5, 5).
         no_object_weight: class weight of "no object" in ``loss_ce``.
@@ -72,16 +73,16 @@ class SeededCriterion(SetCriterion):
             criterion keyword arguments are shared by the criteria it compares); unused: every point is scored.
     """
 
-    def __init__(self, num_classes: int, *, topk: int | None = 1, class_weight: float = 2.0,
+    def __init__(self, num_classes: int, *, per_instance: int | None = 1, class_weight: float = 2.0,
                  mask_weight: float = 5.0, dice_weight: float = 5.0, no_object_weight: float = 0.1,
                  num_points: int | None = None, oversample_ratio: float = 3.0,
                  importance_sample_ratio: float = 0.75) -> None:
-        if topk is not None and not (isinstance(topk, int) and topk >= 1):
-            raise ValueError(f"topk must be None or an int >= 1, got {topk!r}")
+        if per_instance is not None and not (isinstance(per_instance, int) and per_instance >= 1):
+            raise ValueError(f"per_instance must be None or an int >= 1, got {per_instance!r}")
         weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight}
         super().__init__(num_classes, weights, no_object_weight=no_object_weight, num_points=num_points,
                          oversample_ratio=oversample_ratio, importance_sample_ratio=importance_sample_ratio)
-        self.topk = topk
+        self.per_instance = per_instance
         self.cost_weights = (class_weight, mask_weight, dice_weight)
         self.last_weights: Tensor | None = None
         self._seeds: Tensor | None = None
@@ -111,7 +112,7 @@ class SeededCriterion(SetCriterion):
             with torch.no_grad(), self.assign_timer(device):
                 prob = logits.detach().to(dtype).softmax(-1).gather(-1, labels[:, None, :].expand(-1, logits.shape[1], -1))
                 wc, wm, wd = self.cost_weights
-                weights = top_seeded(owner, wc * (1 - prob) + wm * bce + wd * dice, self.topk).to(dtype)
+                weights = top_seeded(owner, wc * (1 - prob) + wm * bce + wd * dice, self.per_instance).to(dtype)
             if i == 0:
                 self.last_weights = weights
             contexts.append({"labels": labels, "weights": weights, "bce": bce, "dice": dice})

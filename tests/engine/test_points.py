@@ -311,3 +311,22 @@ def test_compare_report_gets_an_miou_column_with_a_semantic_head(tmp_path):
     compare(cfg, ["hungarian", "seeded"], [0], tmp_path / "cmp", num_images=1)
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "| AP25 | mIoU |" in report and "- mIoU: semantic mIoU" in report
+
+
+def test_seeded_config_is_the_cpu_budget_with_sampled_queries_and_checked_kwargs():
+    from pathlib import Path
+
+    configs = Path(__file__).parents[2] / "configs"
+    seeded = load_config(configs / "rooms3d_seeded.yaml", criteria=["hungarian", "seeded"]).to_dict()
+    cpu = load_config(configs / "rooms3d_cpu.yaml").to_dict()
+    assert seeded["model"]["overrides"] == {"query_init": "sampled", "semantic_head": True}
+    assert seeded["criterion"] == {"name": "seeded", "kwargs": {"num_points": None, "per_instance": 1}}
+    assert seeded["data"] == cpu["data"] and seeded["optim"] == cpu["optim"]
+    with pytest.raises(ConfigError, match="unknown key criterion.epsilon; valid keys: .*per_instance"):
+        load_config(None, ["data.name=rooms3d", "criterion.name=seeded", "criterion.epsilon=0.1"])
+    with pytest.raises(ConfigError, match="criterion 'seeded': per_instance must be None or an int >= 1"):
+        from influencerformer.engine.config import build_criterion
+
+        cfg = load_config(None, ["data.name=rooms3d", "criterion.name=seeded", "criterion.per_instance=0",
+                                 "model.query_init=sampled"])
+        build_criterion(cfg, 13)

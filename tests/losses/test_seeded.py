@@ -31,7 +31,7 @@ def test_weights_are_the_hand_computed_one_hot():
     owner = seed_owner(MASKS[None].float(), torch.ones(1, 2, dtype=torch.bool), SEEDS)
     expected = torch.tensor([[1, 0], [0, 0], [0, 1], [1, 0], [0, 0]], dtype=torch.bool)
     assert torch.equal(owner[0], expected)
-    crit = SeededCriterion(2, topk=None)  # every seeded query is kept: the weights are the owner itself
+    crit = SeededCriterion(2, per_instance=None)  # every seeded query is kept: the weights are the owner itself
     crit(outputs(), [TARGET])
     assert torch.equal(crit.last_weights[0], expected.float())
 
@@ -53,7 +53,7 @@ def test_top1_keeps_the_cheaper_of_two_seeded_queries():
     assert crit.last_weights[0, :, 0].tolist() == [1, 0, 0, 0, 0]
 
 
-def test_top_seeded_ties_go_to_the_lower_query_and_topk_two_keeps_both():
+def test_top_seeded_ties_go_to_the_lower_query_and_two_per_instance_keeps_both():
     owner = torch.tensor([[[True], [False], [True], [True]]])
     cost = torch.tensor([[[1.0], [0.0], [1.0], [0.5]]])
     assert top_seeded(owner, cost, 1)[0, :, 0].tolist() == [False, False, False, True]
@@ -62,7 +62,7 @@ def test_top_seeded_ties_go_to_the_lower_query_and_topk_two_keeps_both():
 
 
 def test_losses_equal_cross_entropy_bce_and_dice_on_the_picked_pairs():
-    out, crit = outputs(), SeededCriterion(2, topk=None)
+    out, crit = outputs(), SeededCriterion(2, per_instance=None)
     losses = crit(out, [TARGET])
     target = torch.tensor([[1, 2, 0, 1, 2]])  # seeded queries learn their instance's class, the rest "no object"
     ce = F.cross_entropy(out["pred_logits"].transpose(1, 2), target, weight=torch.tensor([1.0, 1.0, 0.1]))
@@ -134,6 +134,6 @@ def test_errors_name_the_field():
         crit({**out, "query_seeds": SEEDS[:, :3]}, [TARGET])
     with pytest.raises(ValueError, match="point-cloud masks"):
         crit({**out, "pred_masks": out["pred_masks"].reshape(1, 5, 2, 4)}, [TARGET])
-    with pytest.raises(ValueError, match="topk"):
-        build_criterion("seeded", 2, topk=0)
+    with pytest.raises(ValueError, match="per_instance must be None or an int >= 1, got 0"):
+        build_criterion("seeded", 2, per_instance=0)
     assert crit._seeds is None  # nothing held after a failed call
