@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from influencerformer.data.download import DATA_COMMANDS, add_download_parsers
+from influencerformer.data.download import COCO_BASE_URL, COCO_SPLITS, MIRROR_ENV, DataSetupError
 from influencerformer.engine.config import CHOICES, ConfigError
 
 DATASETS = CHOICES[("data", "name")]
@@ -156,13 +156,53 @@ def _check_data_parser(sub: Any) -> None:
     p.add_argument("--splits", nargs="+", metavar="SPLIT", default=["train", "val"], help="splits to check")
 
 
+def _download_parser(sub: Any) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    download = sub.add_parser("download", help="download a dataset (COCO 2017)", formatter_class=fmt,
+                              description="Download and extract a dataset; resumable and verified. S3DIS and ScanNet "
+                                          "need their terms accepted: bring them and use `prepare` (docs/data.md).")
+    dsub = download.add_subparsers(dest="dataset", required=True, metavar="{coco}")
+    coco = dsub.add_parser("coco", help="COCO 2017 images and instance annotations", formatter_class=fmt)
+    coco.add_argument("--root", required=True, metavar="PATH",
+                      help="COCO root to create (train2017/, val2017/, annotations/)")
+    coco.add_argument("--splits", nargs="+", default=["val2017"], choices=COCO_SPLITS, help="image archives to fetch")
+    coco.add_argument("--annotations-only", action="store_true", help="fetch only annotations_trainval2017.zip")
+    coco.add_argument("--mirror", metavar="URL", default=None,
+                      help=f"base URL with zips/ and annotations/ as on the official host (else ${MIRROR_ENV}, "
+                           f"else {COCO_BASE_URL})")
+    coco.add_argument("--delete-archives", action="store_true", help="delete each zip once extracted")
+    coco.add_argument("--skip-md5", action="store_true", help="check sizes only")
+    coco.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds without data before retrying")
+    coco.add_argument("--retries", type=int, default=3, metavar="N", help="resumed attempts per file after the first")
+    coco.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _prepare_parser(sub: Any) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    prepare = sub.add_parser("prepare", help="convert a user-downloaded S3DIS / ScanNet to the mmdet3d layout",
+                             formatter_class=fmt,
+                             description="Convert a dataset you downloaded (after accepting its terms) into "
+                                         "points/, instance_mask/, semantic_mask/ (.bin); resumable.")
+    psub = prepare.add_subparsers(dest="dataset", required=True, metavar="{s3dis,scannet}")
+    s3dis = psub.add_parser("s3dis", help="from Stanford3dDataset_v1.2_Aligned_Version.zip", formatter_class=fmt)
+    s3dis.add_argument("--zip", required=True, metavar="PATH", help="Stanford3dDataset_v1.2_Aligned_Version.zip")
+    s3dis.add_argument("--root", required=True, metavar="PATH", help="output folder (mmdet3d layout)")
+    s3dis.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scannet = psub.add_parser("scannet", help="from a ScanNet v2 tree (scans/<scene>/...)", formatter_class=fmt)
+    scannet.add_argument("--root", required=True, metavar="PATH", help="ScanNet folder holding scans/")
+    scannet.add_argument("--out", metavar="PATH", default=None, help="output folder; none = ROOT/preprocessed")
+    scannet.add_argument("--check-only", action="store_true", help="only report missing files")
+    scannet.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="influencerformer", formatter_class=_Formatter,
                                      description="Query segmentation trained with and without Hungarian matching.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,compare,bench,check-data,download,prepare}")
     for add in (_train_parser, _evaluate_parser, _predict_parser, _compare_parser, _bench_parser, _check_data_parser):
         add(sub)
-    add_download_parsers(sub)
+    _download_parser(sub)
+    _prepare_parser(sub)
     return parser
 
 
@@ -388,9 +428,55 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 2 if problems else 0
 
 
+def _run_data(command: str, action: Any) -> int:
+    """download / prepare: a failed transfer or conversion is one line and exit 1, bad arguments or input files
+    exit 2; an interrupted one says that the same command resumes it."""
+    try:
+        action()
+    except DataSetupError as err:
+        print(f"influencerformer {command}: error: {err}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as err:
+        print(f"influencerformer {command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"influencerformer {command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from influencerformer.data.download import download_coco, human_size
+
+    def action() -> None:
+        results = download_coco(args.root, splits=args.splits, annotations_only=args.annotations_only,
+                                mirror=args.mirror, keep_archives=not args.delete_archives,
+                                verify_md5=not args.skip_md5, timeout=args.timeout, retries=args.retries,
+                                progress=not args.no_progress)
+        for r in results:
+            print(f"{r['archive']}: {r['status']} ({human_size(r['bytes'])} transferred)")
+        print(f"COCO ready under {args.root}")
+
+    return _run_data(f"download {args.dataset}", action)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from influencerformer.data import prepare
+
+    def action() -> None:
+        if args.dataset == "s3dis":
+            summary = prepare.prepare_s3dis(args.zip, args.root, progress=not args.no_progress)
+        else:
+            summary = prepare.prepare_scannet(args.root, args.out, check_only=args.check_only,
+                                              progress=not args.no_progress)
+        print(prepare.describe_summary(summary))
+
+    return _run_data(f"prepare {args.dataset}", action)
+
+
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "compare": cmd_compare,
-            "bench": cmd_bench, "check-data": cmd_check_data}
-COMMANDS.update(DATA_COMMANDS)
+            "bench": cmd_bench, "check-data": cmd_check_data,
+            "download": cmd_download, "prepare": cmd_prepare}
 
 
 def _one_line(exc: BaseException) -> str:

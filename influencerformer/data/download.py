@@ -1,4 +1,4 @@
-"""Download COCO 2017 — resumable, verified, with progress — and the ``download`` / ``prepare`` CLI.
+"""Download COCO 2017 — resumable, verified, with progress (the ``download`` command is in ``cli.py``).
 
 One archive goes through four steps, each safe to interrupt:
 
@@ -22,7 +22,6 @@ download script, dataset classes of torchvision-style libraries), consistent wit
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import json
@@ -30,7 +29,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -99,7 +97,7 @@ def _part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
-def _human(num_bytes: float) -> str:
+def human_size(num_bytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if num_bytes < 1024 or unit == "GiB":
             return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{int(num_bytes)} B"
@@ -351,8 +349,8 @@ def _check_free_space(root: Path, archives: Sequence[Archive]) -> None:
         needed += (a.size - min(have, a.size)) + a.size
     free = shutil.disk_usage(root).free
     if needed > free:
-        raise DataSetupError(f"{root}: expected at least {_human(needed)} free for "
-                             f"{', '.join(a.name for a in archives)} and their extraction, got {_human(free)} free")
+        raise DataSetupError(f"{root}: expected at least {human_size(needed)} free for "
+                             f"{', '.join(a.name for a in archives)} and their extraction, got {human_size(free)} free")
 
 
 def _install(archive: Archive, root: Path, base: str, *, keep_archive: bool, verify_md5: bool, timeout: float,
@@ -439,91 +437,3 @@ def _check_coco_layout(root: Path, splits: Sequence[str], annotations_only: bool
                 find_coco_files(root, split)
             except FileNotFoundError as err:
                 raise VerificationError(f"after extraction: {err}") from None
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def add_download_parsers(subparsers: argparse._SubParsersAction) -> None:
-    """Add `download coco` and `prepare {s3dis,scannet}` to the CLI's subparsers; each sets
-    args.command to "download" / "prepare", which DATA_COMMANDS maps to its handler."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    download = subparsers.add_parser("download", help="download a dataset (COCO 2017)", formatter_class=fmt,
-                                     description="Download and extract a dataset; resumable and verified. "
-                                                 "S3DIS and ScanNet need their terms accepted: bring them and use "
-                                                 "`prepare` (docs/data.md).")
-    dsub = download.add_subparsers(dest="dataset", required=True, metavar="{coco}")
-    coco = dsub.add_parser("coco", help="COCO 2017 images and instance annotations", formatter_class=fmt)
-    coco.add_argument("--root", required=True, metavar="PATH",
-                      help="COCO root to create (train2017/, val2017/, annotations/)")
-    coco.add_argument("--splits", nargs="+", default=["val2017"], choices=COCO_SPLITS, help="image archives to fetch")
-    coco.add_argument("--annotations-only", action="store_true", help="fetch only annotations_trainval2017.zip")
-    coco.add_argument("--mirror", metavar="URL", default=None,
-                      help=f"base URL with zips/ and annotations/ as on the official host (else ${MIRROR_ENV}, "
-                           f"else {COCO_BASE_URL})")
-    coco.add_argument("--delete-archives", action="store_true", help="delete each zip once extracted")
-    coco.add_argument("--skip-md5", action="store_true", help="check sizes only")
-    coco.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds without data before retrying")
-    coco.add_argument("--retries", type=int, default=3, metavar="N", help="resumed attempts per file after the first")
-    coco.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    prepare = subparsers.add_parser("prepare", help="convert a user-downloaded S3DIS / ScanNet to the mmdet3d layout",
-                                    formatter_class=fmt,
-                                    description="Convert a dataset you downloaded (after accepting its terms) into "
-                                                "points/, instance_mask/, semantic_mask/ (.bin); resumable.")
-    psub = prepare.add_subparsers(dest="dataset", required=True, metavar="{s3dis,scannet}")
-    s3dis = psub.add_parser("s3dis", help="from Stanford3dDataset_v1.2_Aligned_Version.zip", formatter_class=fmt)
-    s3dis.add_argument("--zip", required=True, metavar="PATH", help="Stanford3dDataset_v1.2_Aligned_Version.zip")
-    s3dis.add_argument("--root", required=True, metavar="PATH", help="output folder (mmdet3d layout)")
-    s3dis.add_argument("--no-progress", action="store_true", help="no progress bar")
-    scannet = psub.add_parser("scannet", help="from a ScanNet v2 tree (scans/<scene>/...)", formatter_class=fmt)
-    scannet.add_argument("--root", required=True, metavar="PATH", help="ScanNet folder holding scans/")
-    scannet.add_argument("--out", metavar="PATH", default=None, help="output folder; none = ROOT/preprocessed")
-    scannet.add_argument("--check-only", action="store_true", help="only report missing files")
-    scannet.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _run(command: str, action) -> int:
-    """Run a data command: user-facing failures print one message and give an exit status, no traceback."""
-    try:
-        action()
-    except DataSetupError as err:
-        print(f"influencerformer {command}: error: {err}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError) as err:  # bad arguments or input files
-        print(f"influencerformer {command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"influencerformer {command}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    return 0
-
-
-def cmd_download(args: argparse.Namespace) -> int:
-    def action() -> None:
-        results = download_coco(args.root, splits=args.splits, annotations_only=args.annotations_only,
-                                mirror=args.mirror, keep_archives=not args.delete_archives,
-                                verify_md5=not args.skip_md5, timeout=args.timeout, retries=args.retries,
-                                progress=not args.no_progress)
-        for r in results:
-            print(f"{r['archive']}: {r['status']} ({_human(r['bytes'])} transferred)")
-        print(f"COCO ready under {args.root}")
-
-    return _run(f"download {args.dataset}", action)
-
-
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from influencerformer.data import prepare  # numpy / torch only when preparing
-
-    def action() -> None:
-        if args.dataset == "s3dis":
-            summary = prepare.prepare_s3dis(args.zip, args.root, progress=not args.no_progress)
-        else:
-            summary = prepare.prepare_scannet(args.root, args.out, check_only=args.check_only,
-                                              progress=not args.no_progress)
-        print(prepare.describe_summary(summary))
-
-    return _run(f"prepare {args.dataset}", action)
-
-
-DATA_COMMANDS = {"download": cmd_download, "prepare": cmd_prepare}

@@ -23,8 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from influencerformer.data.errors import DataError
-from influencerformer.data.rooms3d import S3DIS_CLASSES, rgb8_to_unit
-from influencerformer.data.s3dis import S3DIS_SPLITS
+from influencerformer.data.s3dis import S3DIS_CLASSES, S3DIS_SPLITS, rgb8_to_unit
 
 # ScanNet benchmark (evaluate_semantic_label.py / evaluate_semantic_instance.py VALID_CLASS_IDS)
 SCANNET_SEM_IDS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 24, 28, 33, 34, 36, 39)

@@ -29,8 +29,7 @@ from tqdm import tqdm
 
 from influencerformer.data.download import DataSetupError, VerificationError, write_json_atomic
 from influencerformer.data.pointcloud import write_preprocessed
-from influencerformer.data.rooms3d import rgb8_to_unit
-from influencerformer.data.s3dis import S3DISFormatWarning, read_s3dis_room
+from influencerformer.data.s3dis import S3DISFormatWarning, read_s3dis_room, rgb8_to_unit
 
 S3DIS_ZIP_NAME = "Stanford3dDataset_v1.2_Aligned_Version.zip"
 _S3DIS_MEMBER = re.compile(r"^(?:.*/)?Area_(\d+)/([^/]+)/Annotations/([^/]+\.txt)$")

@@ -21,21 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-S3DIS_CLASSES = (
-    "ceiling",
-    "floor",
-    "wall",
-    "beam",
-    "column",
-    "window",
-    "door",
-    "table",
-    "chair",
-    "sofa",
-    "bookcase",
-    "board",
-    "clutter",
-)
+from influencerformer.data.pointcloud import write_preprocessed
+from influencerformer.data.s3dis import S3DIS_CLASSES, S3DIS_TO_NYU40, rgb8_to_unit, write_s3dis_raw
+
 STUFF_CLASSES = ("ceiling", "floor", "wall")
 _CLS = {name: i for i, name in enumerate(S3DIS_CLASSES)}
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -376,12 +364,6 @@ def generate_room(rng: np.random.Generator, num_points: int) -> dict[str, np.nda
     }
 
 
-def rgb8_to_unit(rgb: np.ndarray) -> np.ndarray:
-    """8-bit colour values (N, 3) → float32 in [0, 1]; every reader and writer uses this one
-    expression, so colours survive a round trip through any format bit for bit."""
-    return np.asarray(rgb).astype(np.float32) / np.float32(255)
-
-
 # ------------------------------------------------------------------ dataset
 
 
@@ -441,8 +423,6 @@ class Rooms3D(Dataset):
     def write_s3dis_raw(self, root: str, area: int = 1) -> list[str]:
         """Write every scene as room `room_<i + 1>` of `root/Area_<area>` (S3DIS raw text layout,
         stuff as one annotation file per class). Returns the room names in index order."""
-        from influencerformer.data.s3dis import write_s3dis_raw  # the reader module imports this one
-
         rooms = [f"room_{i + 1}" for i in range(len(self))]
         for i, room in enumerate(rooms):
             write_s3dis_raw(self[i], root, area, room)
@@ -452,8 +432,6 @@ class Rooms3D(Dataset):
         """Write every scene in the mmdet3d binary layout under root. dataset "s3dis": names
         `Area_<area>_room_<i + 1>`, S3DIS class ids; "scannet": names `scene<i>_00` and semantic ids
         mapped to raw NYU40 (S3DIS_TO_NYU40), as ScanNet stores them. Returns the names in index order."""
-        from influencerformer.data.pointcloud import write_preprocessed
-
         if dataset not in ("s3dis", "scannet"):
             raise ValueError(f"write_preprocessed dataset: expected 's3dis' or 'scannet', got {dataset!r}")
         names = []
@@ -470,7 +448,3 @@ class Rooms3D(Dataset):
             f"Rooms3D(split={self.split!r}, num_scenes={self.num_scenes}, seed={self.seed}, "
             f"points_per_room={self.points_per_room})"
         )
-
-
-# NYU40 id of each S3DIS class (beam, column → otherstructure; board → whiteboard; clutter → otherprop)
-S3DIS_TO_NYU40 = (22, 2, 1, 38, 38, 9, 8, 7, 5, 6, 10, 30, 40)

@@ -28,8 +28,25 @@ import torch
 from torch.utils.data import Dataset
 
 from influencerformer.data.errors import DataError
-from influencerformer.data.rooms3d import S3DIS_CLASSES, rgb8_to_unit
 
+# S3DIS's 13 classes in the release's order (rooms3d generates the same ones)
+S3DIS_CLASSES = (
+    "ceiling",
+    "floor",
+    "wall",
+    "beam",
+    "column",
+    "window",
+    "door",
+    "table",
+    "chair",
+    "sofa",
+    "bookcase",
+    "board",
+    "clutter",
+)
+# NYU40 id of each S3DIS class (beam, column → otherstructure; board → whiteboard; clutter → otherprop)
+S3DIS_TO_NYU40 = (22, 2, 1, 38, 38, 9, 8, 7, 5, 6, 10, 30, 40)
 S3DIS_SPLITS = {"train": (1, 2, 3, 4, 6), "val": (5,), "test": (5,), "all": (1, 2, 3, 4, 5, 6)}
 _CLASS_ALIASES = {"stairs": "clutter"}
 _FILE_NAME = re.compile(r"^([A-Za-z]+)_(\d+)\.txt$")
@@ -39,6 +56,12 @@ _ROW = rf"{_NUM}(?:[ \t]+{_NUM}){{5}}"
 _BAD_LINE = re.compile(rf"^(?!{_ROW}$)(?=[^\n]*\S)[^\n]*$", re.MULTILINE)
 _GOOD_ROW = re.compile(rf"{_ROW}")
 _NUMERIC_CHARS = set("0123456789+-.eE \t\r")
+
+
+def rgb8_to_unit(rgb: np.ndarray) -> np.ndarray:
+    """8-bit colour values (N, 3) → float32 in [0, 1]; every reader and writer uses this one
+    expression, so colours survive a round trip through any format bit for bit."""
+    return np.asarray(rgb).astype(np.float32) / np.float32(255)
 
 
 class S3DISFormatWarning(UserWarning):

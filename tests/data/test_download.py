@@ -3,7 +3,6 @@ layout; a second run sends no request; a dropped connection resumes with Range a
 corrupt / truncated files are caught with no complete-looking tree left; server down → one-line CLI
 error, non-zero status; files brought by hand need no network."""
 
-import argparse
 import hashlib
 import io
 import json
@@ -18,6 +17,7 @@ import pytest
 from PIL import Image
 
 from influencerformer.data import COCOInstanceDataset, find_coco_files
+from influencerformer.cli import main
 from influencerformer.data import download as dl
 
 VAL_ZIP, ANN_ZIP = "/zips/val2017.zip", "/annotations/annotations_trainval2017.zip"
@@ -253,10 +253,7 @@ def test_http_404_fails_at_once_with_the_url(tmp_path, server):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser(prog="influencerformer")
-    dl.add_download_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return dl.DATA_COMMANDS[args.command](args)
+    return main(argv)
 
 
 def test_cli_server_down_prints_one_line_and_exits_non_zero(tmp_path, capsys, manifest):

@@ -13,7 +13,8 @@ from influencerformer.data.pointcloud import (
     instance_targets,
     write_preprocessed,
 )
-from influencerformer.data.rooms3d import S3DIS_CLASSES, S3DIS_TO_NYU40, Rooms3D
+from influencerformer.data.rooms3d import Rooms3D
+from influencerformer.data.s3dis import S3DIS_CLASSES, S3DIS_TO_NYU40
 
 SMALL = (2000, 2500)
 KEYS = ("coords", "colors", "sem_labels", "instance_labels")

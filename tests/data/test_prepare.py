@@ -2,7 +2,6 @@
 check naming missing files, PLY reader, conversion): arrays read back by PreprocessedPointDataset,
 warning counts, resumption after a kill without redoing finished scenes, CLI errors."""
 
-import argparse
 import json
 import warnings
 import zipfile
@@ -10,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from influencerformer.data import download as dl
+from influencerformer.cli import main
 from influencerformer.data import prepare
 from influencerformer.data.pointcloud import PreprocessedPointDataset
 from influencerformer.data.rooms3d import Rooms3D
@@ -23,10 +22,7 @@ CRLF_ROW = "1.000 2.000 3.000 10 20 30\r\n"  # whitespace only: repaired and kep
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser(prog="influencerformer")
-    dl.add_download_parsers(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return dl.DATA_COMMANDS[args.command](args)
+    return main(argv)
 
 
 # ------------------------------------------------------------------------------------------ S3DIS

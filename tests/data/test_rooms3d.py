@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from influencerformer.data.rooms3d import S3DIS_CLASSES, Rooms3D
+from influencerformer.data.rooms3d import Rooms3D
+from influencerformer.data.s3dis import S3DIS_CLASSES
 
 SMALL = (3000, 4000)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from influencerformer.data.rooms3d import S3DIS_CLASSES, Rooms3D
+from influencerformer.data.rooms3d import Rooms3D
+from influencerformer.data.s3dis import S3DIS_CLASSES
 from influencerformer.data.s3dis import S3DISFormatWarning, S3DISRawDataset, parse_annotation, write_s3dis_raw
 
 SMALL = (2000, 2500)

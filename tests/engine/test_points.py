@@ -178,7 +178,7 @@ def test_collate_keeps_the_super_points_of_the_sampled_points():
 
 def test_scannet_with_super_points_trains_and_evaluates(tmp_path):
     from influencerformer.data.pointcloud import write_preprocessed
-    from influencerformer.data.rooms3d import S3DIS_TO_NYU40
+    from influencerformer.data.s3dis import S3DIS_TO_NYU40
 
     rooms = Rooms3D("train", num_scenes=2, points_per_room=(1500, 2000))
     for i in range(2):
@@ -280,7 +280,7 @@ def _prepared_s3dis(tmp_path):
 
 def _scannet(tmp_path):
     from influencerformer.data.pointcloud import write_preprocessed
-    from influencerformer.data.rooms3d import S3DIS_TO_NYU40
+    from influencerformer.data.s3dis import S3DIS_TO_NYU40
 
     rooms = Rooms3D("train", num_scenes=2, points_per_room=(800, 900))
     for i in range(2):
