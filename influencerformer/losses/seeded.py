@@ -16,7 +16,8 @@ No assignment solver.  The model starts each query at a sampled point and says w
   instance without a seeded query counts there and is not supervised, like ``K > Q`` for Hungarian).
 
 Point-cloud masks ``(B, Q, P)`` only: seeds index points.  After each call ``last_weights`` holds the final layer's
-weights and ``last_indices`` its ``(query_idx, instance_idx)`` pairs per item, as ``HungarianCriterion``'s.
+weights, ``last_assignment`` per item the picked query of each instance (-1: none) and ``last_indices`` the
+``(query_idx, instance_idx)`` pairs, as ``HungarianCriterion``'s.
 """
 
 from __future__ import annotations
@@ -124,6 +125,16 @@ class SeededCriterion(SetCriterion):
         """The three weighted terms of one layer from its one-hot weights."""
         return {"loss_ce": loss_ce(pred_logits, class_targets(weights, labels, self.num_classes), self.empty_weight),
                 "loss_mask": loss_mask(weights, bce, num_masks), "loss_dice": loss_dice(weights, dice, num_masks)}
+
+    @property
+    def last_assignment(self) -> list[Tensor] | None:
+        """Per item ``(K_i,)`` the final layer's query picked for each instance in the last call (-1: none; with
+        ``per_instance > 1`` the lowest query index among the picks), as every criterion's ``last_assignment``."""
+        if self.last_weights is None:
+            return None
+        picked = self.last_weights > 0
+        first = torch.where(picked.any(1), picked.to(torch.uint8).argmax(1), -1)  # (B, K), no host sync
+        return [first[b, :k] for b, k in enumerate(self._sizes)]
 
     @property
     def last_indices(self) -> list[tuple[Tensor, Tensor]] | None:

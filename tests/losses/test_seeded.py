@@ -47,6 +47,7 @@ def test_top1_keeps_the_cheaper_of_two_seeded_queries():
     assert torch.equal(crit.last_weights[0], expected)
     q, k = crit.last_indices[0]
     assert q.tolist() == [2, 3] and k.tolist() == [1, 0]
+    assert crit.last_assignment[0].tolist() == [3, 2]  # the owner diagnostic the assignment probe reads
     # the pick follows the cost: swap the two queries' masks and q0 is kept instead
     out["pred_masks"][0, [0, 3]] = out["pred_masks"][0, [3, 0]].clone()
     crit(out, [TARGET])
@@ -82,6 +83,7 @@ def test_no_instances_and_seeds_on_background_give_no_object():
     crit = build_criterion("seeded", 2)
     losses = crit(out, [empty, background])  # K = 0 in item 0; item 1's seeds all miss its one instance
     assert crit.last_weights.shape == (2, 3, 1) and crit.last_weights.sum() == 0
+    assert [a.tolist() for a in crit.last_assignment] == [[], [-1]]  # an instance without a picked query: -1
     assert losses["loss_mask"] == 0 and losses["loss_dice"] == 0
     ce = F.cross_entropy(out["pred_logits"].transpose(1, 2), torch.full((2, 3), 2))  # every query: "no object"
     torch.testing.assert_close(losses["loss_ce"], ce)
