@@ -202,7 +202,6 @@ class MaskInfluencerCriterion(SetCriterion):
         """
         device = pred_masks.device
         sizes = [len(t["labels"]) for t in targets]
-        counts = torch.tensor(sizes, dtype=torch.int64).to(device, non_blocking=True)
         labels = pad_sequence([t["labels"].to(device, torch.int64) for t in targets], batch_first=True)
         index = None
         if pred_masks.dim() == 3:
@@ -214,7 +213,9 @@ class MaskInfluencerCriterion(SetCriterion):
                 index = sample_pixels(len(targets), self.num_points, height, width, device)
             masks = targets_at_pixels([t["masks"] for t in targets], index, (height, width), dtype, device,
                                       ones_row=True)
-        valid = torch.arange(labels.shape[1], device=device) < counts.unsqueeze(1)
+        # built on the device from the targets' shapes (host metadata): no host-to-device copy, no sync
+        valid = pad_sequence([torch.ones(k, dtype=torch.bool, device=device) for k in sizes], batch_first=True)
+        counts = valid.sum(-1)
         return index, PointTargets(labels, masks[:, :-1], masks, valid, sizes, counts)
 
     @staticmethod
