@@ -90,11 +90,13 @@ def _evaluate_parser(sub: Any) -> None:
 
 def _predict_parser(sub: Any) -> None:
     p = sub.add_parser("predict", help="draw predicted instances as PNG overlays", formatter_class=_Formatter,
-                       description="Draw each predicted instance (mask, class name, score) over its image.")
+                       description="Draw each predicted instance over its item: images get each mask, class name "
+                                   "and score; point clouds a top-down view, one colour per instance.")
     _add_checkpoint_options(p)
     p.add_argument("--images", metavar="DIR", default=None,
-                   help="folder of .png/.jpg images to predict; none = the first --num-images val images")
-    p.add_argument("--num-images", type=int, metavar="N", default=8, help="val images to draw (without --images)")
+                   help="folder of .png/.jpg images to predict (image runs); none = the first --num-images val items")
+    p.add_argument("--num-images", type=int, metavar="N", default=8,
+                   help="val images (scenes) to draw (without --images)")
     p.add_argument("--image-size", type=int, metavar="PX", default=None,
                    help="resize folder images so the longer side is PX; none = the training image size")
     p.add_argument("--score-threshold", type=float, default=0.5, help="draw instances scoring above this")
@@ -289,8 +291,8 @@ def _resumed_config(args: argparse.Namespace) -> tuple[Path | None, dict | None]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from influencerformer.engine.build import evaluate_checkpoint
     from influencerformer.engine.checkpoint import resolve_checkpoint
-    from influencerformer.engine.evaluate import evaluate_checkpoint
 
     if args.num_images is not None and args.num_images < 1:
         raise ConfigError(f"--num-images must be ≥ 1, got {args.num_images}")
@@ -312,9 +314,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from matplotlib.figure import Figure
 
+    from influencerformer.engine.build import build_dataset, load_trained, modality
     from influencerformer.engine.checkpoint import resolve_checkpoint
-    from influencerformer.engine.config import build_dataset, is_point_data
-    from influencerformer.engine.evaluate import draw_instances, load_images, load_trained, predict_instances
     from influencerformer.engine.distributed import pick_device
 
     ckpt_path = resolve_checkpoint(args.checkpoint)
@@ -322,32 +323,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num-images must be ≥ 1, got {args.num_images}")
     check_output_folder(args.out or ckpt_path.parent.parent / "predictions")
     model, cfg, info, _ = load_trained(ckpt_path, pick_device(args.device), _data_overrides(args))
-    if is_point_data(cfg.data):
-        raise ConfigError(f"predict draws image overlays; {cfg.data.name} is a point-cloud run: use "
-                          f"`influencerformer evaluate {args.checkpoint}` (3D AP) or compare's masks.png")
+    data = modality(cfg.data)
     if args.images is None:
         val_set, _ = build_dataset(cfg.data, "val")
         items = [val_set[i] for i in range(min(args.num_images, len(val_set)))]
-        named = [(f"val_{int(it['image_id'])}.png", it["image"]) for it in items]
+        named = [(data.item_name(item), item) for item in items]
     else:
-        size = args.image_size or cfg.data.image_size or _training_size(cfg)
-        named = [(Path(name).stem + ".png", image) for name, image in load_images(args.images, size)]
+        named = data.load_items(args.images, cfg.data, args.image_size)
     out = Path(args.out) if args.out else ckpt_path.parent.parent / "predictions"
     out.mkdir(parents=True, exist_ok=True)
-    preds = predict_instances(model, [image for _, image in named], score_threshold=args.score_threshold)
-    for (name, image), pred in zip(named, preds):
+    preds = data.predict(model, [item for _, item in named], score_threshold=args.score_threshold)
+    for (name, item), pred in zip(named, preds):
         fig = Figure(figsize=(5, 5), layout="constrained")
-        draw_instances(fig.subplots(), image, pred, info.class_names, title=f"{name}: {len(pred['labels'])} instances")
-        fig.savefig(out / name, dpi=120)
+        data.draw(fig.subplots(), item, pred, info.class_names, title=f"{name}: {len(pred['labels'])} instances")
+        fig.savefig(out / f"{name}.png", dpi=120)
     print(f"wrote {len(named)} overlays to {out}")
     return 0
-
-
-def _training_size(cfg: Any) -> int:
-    from influencerformer.engine.config import build_dataset
-
-    val_set, _ = build_dataset(cfg.data, "val")
-    return int(max(val_set[0]["image"].shape[-2:]))
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

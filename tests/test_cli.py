@@ -192,12 +192,13 @@ def test_output_paths_are_checked_before_work(tmp_path, capsys):
 
 
 def test_evaluate_checks_its_arguments_before_work_and_names_changed_model_fields(tmp_path, capsys, monkeypatch):
-    from influencerformer.engine import evaluate as evaluate_module
+    from influencerformer.engine import build as build_module
+    from influencerformer.engine import images as images_module
 
     run = tmp_path / "run"
     assert cli.main(["train", "--out", str(run), "--device", "cpu", "--steps", "1", *SETS]) == 0
     capsys.readouterr()
-    monkeypatch.setattr(evaluate_module, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated anyway"))
+    monkeypatch.setattr(build_module, "evaluate_checkpoint", lambda *a, **k: pytest.fail("evaluated anyway"))
     (tmp_path / "file").write_text("x")
     cases = [(["--output", str(tmp_path)], "is a folder"), (["--output", str(tmp_path / "file" / "m.json")],
                                                              "is a file, not a folder"),
@@ -214,16 +215,17 @@ def test_evaluate_checks_its_arguments_before_work_and_names_changed_model_field
 
 
 def test_evaluate_writes_null_with_a_reason_for_undefined_ap(tmp_path, capsys, monkeypatch):
-    from influencerformer.engine import evaluate as evaluate_module
+    from influencerformer.engine import build as build_module
+    from influencerformer.engine import images as images_module
 
     run = tmp_path / "run"
     assert cli.main(["train", "--out", str(run), "--device", "cpu", "--steps", "1", *SETS]) == 0
-    real = evaluate_module.Evaluator.__call__
+    real = images_module.Evaluator.__call__
 
     def no_ground_truth(self, model, device="cpu"):  # what COCOeval gives for a split without instances
         return {**real(self, model, device), "AP": float("nan"), "AP50": float("nan")}
 
-    monkeypatch.setattr(evaluate_module.Evaluator, "__call__", no_ground_truth)
+    monkeypatch.setattr(images_module.Evaluator, "__call__", no_ground_truth)
     out = tmp_path / "m.json"
     assert cli.main(["evaluate", str(run), "--output", str(out), "--device", "cpu"]) == 0
     metrics = json.loads(out.read_text())  # strict JSON: NaN would not parse in most readers

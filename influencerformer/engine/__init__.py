@@ -8,7 +8,9 @@
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .compare import compare
 from .config import Config, ConfigError, CriterionConfig, DataConfig, ModelConfig, OptimConfig, TrainConfig, load_config
-from .evaluate import Evaluator, evaluate_checkpoint, load_trained, predict_instances
+from .build import build_criterion, build_dataset, build_model, evaluate_checkpoint, load_trained, modality
+from .images import Evaluator, predict_instances
+from .points import PointEvaluator
 from .train import NonFiniteLossError, train
 
 __all__ = [
@@ -17,6 +19,11 @@ __all__ = [
     "CriterionConfig",
     "DataConfig",
     "Evaluator",
+    "PointEvaluator",
+    "build_criterion",
+    "build_dataset",
+    "build_model",
+    "modality",
     "ModelConfig",
     "NonFiniteLossError",
     "OptimConfig",

@@ -35,14 +35,12 @@ import torch
 import yaml
 
 from .checkpoint import list_checkpoints
-from .config import (Config, ConfigError, build_criterion, build_dataset, copy_config, criterion_kwargs, is_point_data,
-                     validate)
+from .build import build_criterion, build_dataset, load_trained, modality
+from .config import Config, ConfigError, copy_config, criterion_kwargs, validate
 from .distributed import pick_device
-from .evaluate import SCORE_THRESHOLD, draw_instances, load_trained, predict_instances
-from .plots import plot_curves, plot_masks, plot_point_masks
-from .points import draw_point_instances, point_owner, predict_scene
-from .report import (AP_DOC_2D, AP_DOC_3D, SeedSpread, curves_title, report_markdown, setup_lines,
-                     steps_to_fraction, summarize_runs)
+from .evaluate import SCORE_THRESHOLD
+from .plots import plot_curves, plot_masks
+from .report import SeedSpread, curves_title, report_markdown, setup_lines, steps_to_fraction, summarize_runs
 from .train import TIMING_WARMUP, check_run_dir, train
 
 __all__ = ["SeedSpread", "Variant", "compare", "parse_variant", "run_config", "steps_to_fraction", "summarize_runs"]
@@ -299,12 +297,10 @@ def compare(cfg: Config, criteria: Sequence[str | Variant], seeds: Sequence[int]
                "machine": {"cores": num_cores(), "threads": torch.get_num_threads(), "device": str(device)}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_json_safe(results), indent=1))
-    points = is_point_data(cfg.data)
-    ap_doc = AP_DOC_3D if points else AP_DOC_2D
-    (out / "report.md").write_text(report_markdown(results, names, seeds, setup, ap_doc=ap_doc, cores=num_cores(),
-                                                   spread=seed_spread))
-    plot_curves(runs, names, out / "curves.png", title=curves_title(cfg, sizes, seeds),
-                ap_label="val 3D AP" if points else "val mask AP")
+    data = modality(cfg.data)
+    (out / "report.md").write_text(report_markdown(results, names, seeds, setup, ap_doc=data.AP_DOC,
+                                                   cores=num_cores(), spread=seed_spread))
+    plot_curves(runs, names, out / "curves.png", title=curves_title(cfg, sizes, seeds), ap_label=data.AP_LABEL)
     first_seed = [next(r for r in runs if r["criterion"] == n and r["seed"] == seeds[0]) for n in names]
     draw_masks(first_seed, out / "masks.png", num_images=num_images)
     return results
@@ -370,14 +366,7 @@ def draw_masks(runs: list[dict[str, Any]], path: Path, *, num_images: int = 4) -
     names = [r["criterion"] for r in runs]
     caption = (f"seed {runs[0]['seed']}, step {step}: ground truth, then each criterion's predictions with score > "
                f"{SCORE_THRESHOLD} (no NMS)")
-    if is_point_data(cfg.data):
-        preds = [[predict_scene(model, item, score_threshold=SCORE_THRESHOLD) for item in items]
-                 for model, _, _, _ in models]
-        owners = [[point_owner(p["masks"], p["scores"]) for p in mine] for mine in preds]
-        plot_point_masks(items, names, owners, draw_point_instances, path,
-                         caption=caption + "; top-down view, one colour per instance")
-        return
-    preds = [predict_instances(model, [it["image"] for it in items], score_threshold=SCORE_THRESHOLD)
-             for model, _, _, _ in models]
-    plot_masks(items, names, preds, info.class_names, draw_instances, path,
-               caption=caption + "; label: class and score")
+    data = modality(cfg.data)
+    preds = [data.predict(model, items, score_threshold=SCORE_THRESHOLD) for model, _, _, _ in models]
+    plot_masks(items, [data.truth(item) for item in items], names, preds, info.class_names, data.draw, path,
+               caption=caption + data.MASKS_CAPTION, panel=data.PANEL)

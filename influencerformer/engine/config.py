@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import yaml
 
 from ..data.synthetic import SHAPES_PRESETS
+from ..models import MaskFormerConfig, PointModelConfig
 
 
 class ConfigError(ValueError):
@@ -29,15 +30,22 @@ class ConfigError(ValueError):
 
 # The defaults are the CPU comparison budget (configs/shapes2d_medium.yaml): shapes2d "medium" (64x64),
 # the tiny model, batch 8, 3000 steps — two criteria in about 10 minutes on 2 CPU cores.
-# Point clouds without a config file start from POINT_DEFAULTS instead (= configs/rooms3d_cpu.yaml).
 
-POINT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "data": {"points_per_room": [8000, 12000], "num_points": 4096, "num_train": 200, "num_val": 20,
-             "batch_size": 4},
-    "model": {"preset": "tiny"},
-    "criterion": {"kwargs": {"num_points": None}},
-    "optim": {"lr": 1e-3, "warmup_steps": 50},
-    "train": {"steps": 500, "eval_every": 125, "checkpoint_every": 500, "out_dir": "runs/rooms3d_cpu"},
+# The modality of each dataset. engine/build.py gives each modality its dataset, collate, evaluator, predictor
+# and drawer; here is only what a modality changes in the config: the model's config class and the defaults a
+# run without a config file starts from (point clouds: = configs/rooms3d_cpu.yaml).
+MODALITY = {"shapes2d": "images", "coco": "images", "rooms3d": "points", "s3dis": "points", "scannet": "points"}
+MODEL_CONFIGS = {"images": MaskFormerConfig, "points": PointModelConfig}
+MODALITY_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "images": {},
+    "points": {
+        "data": {"points_per_room": [8000, 12000], "num_points": 4096, "num_train": 200, "num_val": 20,
+                 "batch_size": 4},
+        "model": {"preset": "tiny"},
+        "criterion": {"kwargs": {"num_points": None}},
+        "optim": {"lr": 1e-3, "warmup_steps": 50},
+        "train": {"steps": 500, "eval_every": 125, "checkpoint_every": 500, "out_dir": "runs/rooms3d_cpu"},
+    },
 }
 
 
@@ -117,11 +125,8 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-IMAGE_DATASETS = ("shapes2d", "coco")
-POINT_DATASETS = ("rooms3d", "s3dis", "scannet")
-
 CHOICES = {
-    ("data", "name"): IMAGE_DATASETS + POINT_DATASETS,
+    ("data", "name"): tuple(MODALITY),
     ("data", "preset"): tuple(SHAPES_PRESETS),
     ("optim", "schedule"): ("cosine", "poly", "constant"),
     ("train", "amp"): ("none", "bf16", "fp16"),
@@ -164,18 +169,14 @@ def _set_field(cfg: Config, section: str, key: str, value: Any) -> None:
     setattr(sec, key, value)
 
 
-def is_point_data(data: DataConfig) -> bool:
-    return data.name in POINT_DATASETS
+def model_config_class(data_name: str) -> type:
+    """The model config of ``data_name``'s modality (MaskFormerConfig for images, PointModelConfig for points)."""
+    return MODEL_CONFIGS[MODALITY[data_name]]
 
 
-def model_fields(data_name: str = "shapes2d") -> list[str] | None:
-    """Fields of the model config for ``data_name`` (MaskFormerConfig for images, PointModelConfig for
-    point clouds), or None while the models package is unavailable."""
-    try:
-        from influencerformer.models import MaskFormerConfig, PointModelConfig
-    except ImportError:
-        return None
-    return [f.name for f in fields(PointModelConfig if data_name in POINT_DATASETS else MaskFormerConfig)]
+def model_fields(data_name: str = "shapes2d") -> list[str]:
+    """Fields of the model config for ``data_name``: the valid ``model.<field>`` keys."""
+    return [f.name for f in fields(model_config_class(data_name))]
 
 
 def criterion_kwargs(name: str) -> list[str] | None:
@@ -309,8 +310,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"cannot parse {path}: {exc}") from None
-    if path is None and stored is None and _overridden_data_name(overrides) in POINT_DATASETS:
-        data = copy.deepcopy(POINT_DEFAULTS)  # the config must not share its lists with the defaults
+    name = _overridden_data_name(overrides)
+    if path is None and stored is None and name in MODALITY:
+        data = copy.deepcopy(MODALITY_DEFAULTS[MODALITY[name]])  # the config must not share lists with the defaults
     cfg = from_dict(data, criteria)
     for item in overrides:
         apply_override(cfg, item, criteria)
@@ -414,16 +416,11 @@ def _criterion_default(name: str, key: str) -> Any:
 
 def _check_model(cfg: Config) -> None:
     """The model preset + overrides form a valid model config (checked now, not after the data is built)."""
-    try:
-        from influencerformer.models import MaskFormerConfig, PointModelConfig
-    except ImportError:
-        return
     for key, value in cfg.model.overrides.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"model.{key} must be finite, got {value}")
-    config_cls = PointModelConfig if is_point_data(cfg.data) else MaskFormerConfig
     try:
-        config_cls.preset(cfg.model.preset, **{**cfg.model.overrides, "num_classes": 1})
+        model_config_class(cfg.data.name).preset(cfg.model.preset, **{**cfg.model.overrides, "num_classes": 1})
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model: {exc}") from None
 
@@ -440,7 +437,7 @@ def copy_config(cfg: Config, **section_updates: dict[str, Any]) -> Config:
     return new
 
 
-# ----------------------------------------------------------------------------- objects from a config
+# ----------------------------------------------------------------------------- what the engine reads
 
 
 @dataclass(frozen=True)
@@ -450,78 +447,3 @@ class DatasetInfo:
     num_classes: int
     class_names: list[str]
     category_ids: list[int]
-
-
-def build_dataset(data: DataConfig, split: str) -> tuple[Any, DatasetInfo]:
-    """The ``split`` ("train" | "val") dataset of ``data`` and its class info."""
-    from torch.utils.data import Subset
-
-    num = data.num_train if split == "train" else data.num_val
-    if data.name in POINT_DATASETS:
-        from .points import build_point_dataset
-
-        try:
-            ds = build_point_dataset(data.name, data.root, split, num_scenes=num, seed=data.seed,
-                                     points_per_room=data.points_per_room, strict=data.strict)
-        except (ValueError, FileNotFoundError) as exc:
-            raise ConfigError(f"{data.name} {split} split: {exc}") from None
-        names, category_ids = ds.class_names, list(range(len(ds.class_names)))
-    elif data.name == "shapes2d":
-        from influencerformer.data import Shapes2D
-
-        extra = {} if data.image_size is None else {"image_size": data.image_size}
-        try:
-            ds = Shapes2D(split, preset=data.preset, num_images=num, seed=data.seed, **extra)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        names, category_ids = list(ds.thing_classes), list(ds.category_ids)
-    else:
-        from influencerformer.data import COCOInstanceDataset, find_coco_files
-
-        try:
-            image_dir, ann_file = find_coco_files(data.root, split)
-        except (FileNotFoundError, ValueError) as exc:
-            raise ConfigError(str(exc)) from None
-        size = data.image_size
-        try:  # every annotation is decoded and every image file looked for now, not mid-run
-            ds = COCOInstanceDataset(image_dir, ann_file, image_size=size, pad_to=size)
-        except (ValueError, FileNotFoundError) as exc:
-            raise ConfigError(f"coco {split} split: {exc}") from None
-        names, category_ids = list(ds.class_names), list(ds.category_ids)
-    info = DatasetInfo(len(names), names, category_ids)
-    if num is not None and data.name == "coco" and num < len(ds):
-        ds = Subset(ds, range(num))  # the first images: a fixed, reproducible evaluation subset
-    if len(ds) == 0:
-        raise ConfigError(f"the {split} split of {data.name} is empty")
-    return ds, info
-
-
-def build_model(cfg: Config, num_classes: int) -> Any:
-    """MaskFormer (images) or PointQueryModel (point clouds) from the model preset + overrides,
-    sized for ``num_classes``."""
-    from influencerformer.models import MaskFormer, MaskFormerConfig, PointModelConfig, PointQueryModel
-
-    overrides = {**cfg.model.overrides, "num_classes": num_classes}
-    config_cls, model_cls = (PointModelConfig, PointQueryModel) if is_point_data(cfg.data) else (MaskFormerConfig,
-                                                                                                  MaskFormer)
-    try:
-        model_cfg = config_cls.preset(cfg.model.preset, **overrides)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"model: {exc}") from None
-    return model_cls(model_cfg)
-
-
-def build_criterion(cfg: Config, num_classes: int) -> Any:
-    """The configured criterion; bad keyword arguments become a ConfigError naming the criterion. Point data:
-    plus what the point model's options add to it (its semantic head's term; engine/points.py)."""
-    from influencerformer.losses.registry import build_criterion as build
-
-    try:
-        criterion = build(cfg.criterion.name, num_classes, **cfg.criterion.kwargs)
-        if is_point_data(cfg.data):
-            from .points import attach_point_terms
-
-            attach_point_terms(criterion, cfg.criterion.name, cfg.model.preset, cfg.model.overrides)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"criterion {cfg.criterion.name!r}: {exc}") from None
-    return criterion

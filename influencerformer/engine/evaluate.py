@@ -1,45 +1,34 @@
-"""Evaluation: instance inference on the val split → COCO mask AP, F1, duplicates, query usage, PQ;
-and the assignment-stability probe (which query owns each instance of a fixed batch, over time).
+"""What evaluation and prediction share across modalities: the evaluation loop (instance inference on the val
+split → AP, F1, duplicates, query usage), confident predictions, and the assignment-stability probe (which
+query owns each instance of a fixed batch, over time).
 
 Inference is Mask2Former's instance inference *without NMS*, so duplicate predictions cost AP and F1
-exactly as they would in deployment — the thing a matching-free loss must get right.
+exactly as they would in deployment — the thing a matching-free loss must get right. What differs between
+images and point clouds (batches, reading one item's instances, the AP protocol) is in images.py / points.py.
 """
 from __future__ import annotations
 
-import functools
-import sys
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from influencerformer.data import collate_batch
 from influencerformer.metrics import (
     PanopticQuality,
     assignment_stability,
-    build_coco_gt,
-    coco_mask_ap,
     count_duplicates,
     f1_at_iou,
     f1_from_counts,
-    masks_to_coco_results,
     query_usage,
 )
-from influencerformer.models import instance_inference, panoptic_inference
+from influencerformer.models import panoptic_inference
 
-from .checkpoint import MODEL_KEYS, load_latest
-from .config import (Config, ConfigError, DatasetInfo, apply_override, build_dataset, build_model, from_dict,
-                     is_point_data)
-from .distributed import pick_device
+from .config import DatasetInfo
 
-SIZE_DIVISIBILITY = 32  # the backbone's coarsest stride: inputs are padded to a multiple of it
 SCORE_THRESHOLD = 0.5  # a prediction is "confident" (counts for F1 and duplicates) above this score
 
-
-def make_collate() -> Any:
-    return functools.partial(collate_batch, size_divisibility=SIZE_DIVISIBILITY)
+# one item's instance inference: (logits (Q, C+1) on the CPU, {"masks" bool, "labels", "scores"}) per batch item
+Instances = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device | str | None = None) -> tuple[torch.Tensor, ...]:
@@ -60,7 +49,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 class InstanceCounts:
     """Running sums over images: F1 counts, duplicates, query usage and (optionally) PQ."""
 
-    def __init__(self, info: DatasetInfo, with_pq: bool) -> None:
+    def __init__(self, info: DatasetInfo, with_pq: bool = False) -> None:
         self.tp = self.fp = self.fn = self.dup = self.gt = 0
         self.no_object: list[float] = []
         self.pq = PanopticQuality(list(range(info.num_classes))) if with_pq else None
@@ -91,61 +80,66 @@ class InstanceCounts:
         return out
 
 
-class Evaluator:
-    """Evaluates a model on a fixed val set; the COCO ground truth is built once and reused.
+class InstanceEvaluator:
+    """The evaluation loop of both modalities: the model in eval mode sees every val batch once; each item's
+    instances are counted (F1, duplicates, query usage) and handed to the modality's metric.
 
-    The ground truth is the val items as the data pipeline gives them: with ``data.image_size`` set,
-    COCO images are evaluated at that (resized) resolution, cropped to their valid (unpadded) extent.
-    """
+    A subclass says how the val split is batched (``batches``), how one batch's outputs become each item's
+    instances and ground truth (``instances``), and what its AP is (``start`` / ``add`` / ``finish``)."""
 
-    def __init__(self, dataset: Any, info: DatasetInfo, *, batch_size: int = 8, topk: int = 100,
-                 workers: int = 0, with_pq: bool | None = None) -> None:
-        self.info, self.topk = info, topk
-        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                 collate_fn=make_collate())
-        first = dataset[0]
-        self.with_pq = ("sem_seg" in first) if with_pq is None else with_pq
-        self.coco_gt: dict | None = None  # built on the first call from the batches themselves
+    def __init__(self, info: DatasetInfo, *, topk: int = 100, with_pq: bool = False) -> None:
+        self.info, self.topk, self.with_pq = info, topk, with_pq
+
+    def batches(self) -> Iterable[dict[str, Any]]:
+        raise NotImplementedError
+
+    def instances(self, outputs: dict[str, Any], batch: dict[str, Any]) -> Iterator[tuple[Instances, dict]]:
+        """Per item of ``batch``: ((logits, instances), ground truth ``{"labels", "masks", ...}``)."""
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """Reset the modality's metric before a pass."""
+
+    def add(self, logits: torch.Tensor, res: dict[str, torch.Tensor], gt: dict[str, Any],
+            counts: InstanceCounts) -> None:
+        """One item's instances into the modality's metric."""
+
+    def finish(self) -> dict[str, float]:
+        """The modality's metrics of the pass (AP, ...)."""
+        return {}
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, float]:
         model = unwrap(model)
         was_training = model.training
         model.eval()
-        counts, predictions, gt_items = InstanceCounts(self.info, self.with_pq), [], []
-        for batch in self.loader:
-            outputs = model(batch["images"].to(device))
-            for i, image_id in enumerate(batch["image_ids"]):
-                h, w = batch["image_sizes"][i]
-                gt = batch["targets"][i]
-                gt_masks, gt_labels = gt["masks"][:, :h, :w], gt["labels"]
-                gt_items.append({"image_id": image_id, "masks": gt_masks, "labels": gt_labels})
-                predictions += self._image(outputs, i, (h, w), image_id, gt_masks, gt_labels, counts)
-        model.train(was_training)
-        if self.coco_gt is None:
-            self.coco_gt = build_coco_gt(gt_items, self.info.category_ids, self.info.class_names)
-        ap = coco_mask_ap(self.coco_gt, predictions)
-        metrics = {k: ap[k] for k in ("AP", "AP50", "AP75")}
-        return {**metrics, **counts.summary()}
-
-    def _image(self, outputs: dict[str, torch.Tensor], i: int, size: tuple[int, int], image_id: int,
-               gt_masks: torch.Tensor, gt_labels: torch.Tensor, counts: InstanceCounts) -> list[dict]:
-        """One image: predictions as COCO results, with its F1/duplicate/PQ counts added to ``counts``."""
-        ph, pw = _prediction_extent(outputs["pred_masks"].shape[-2:], size, gt_masks.shape[-2:])
-        logits = outputs["pred_logits"][i].float().cpu()
-        masks = outputs["pred_masks"][i, :, :ph, :pw].float().cpu()  # drop the padding before upsampling
-        res = instance_inference(logits, masks, size, topk=self.topk)
-        counts.add(res, gt_masks, gt_labels)
-        counts.no_object.append(query_usage(logits))
-        if counts.pq is not None:
-            counts.add_panoptic(logits, masks, size, gt_masks, gt_labels)
-        return masks_to_coco_results(image_id, res["masks"], res["labels"], res["scores"], self.info.category_ids)
+        counts = InstanceCounts(self.info, self.with_pq)
+        self.start()
+        try:
+            for batch in self.batches():
+                outputs = model(*model_inputs(batch, device))
+                for (logits, res), gt in self.instances(outputs, batch):
+                    counts.add(res, gt["masks"], gt["labels"])
+                    counts.no_object.append(query_usage(logits))
+                    self.add(logits, res, gt, counts)
+        finally:
+            model.train(was_training)
+        return {**self.finish(), **counts.summary()}
 
 
-def _prediction_extent(pred_hw: Sequence[int], size: Sequence[int], padded_hw: Sequence[int]) -> tuple[int, int]:
-    """Rows/cols of the (H/4, W/4) prediction grid that cover the valid (unpadded) image extent."""
-    return tuple(max(1, round(p * s / max(1, full)))
-                 for p, s, full in zip(pred_hw, size, padded_hw))  # type: ignore[return-value]
+@torch.no_grad()
+def predict_batches(model: torch.nn.Module, batches: Iterable[dict[str, Any]],
+                    read: Callable[[dict[str, Any], dict[str, Any]], Iterable[Instances]], *,
+                    score_threshold: float = SCORE_THRESHOLD) -> list[dict[str, torch.Tensor]]:
+    """The prediction loop of both modalities: instances with score > ``score_threshold`` of every item, no NMS;
+    ``read(outputs, batch)``: each item's (logits, instances), as the modality's evaluator reads them."""
+    device = next(model.parameters()).device
+    results = []
+    for batch in batches:
+        for _, res in read(model(*model_inputs(batch, device)), batch):
+            keep = res["scores"] > score_threshold
+            results.append({k: res[k][keep] for k in ("masks", "labels", "scores")})
+    return results
 
 
 # ------------------------------------------------------------------------------------ assignment probe
@@ -189,64 +183,6 @@ class AssignmentProbe:
         return change
 
 
-# ------------------------------------------------------------------------------- trained models, pictures
-
-
-def load_trained(path: str | Path, device: str | torch.device = "cpu",
-                 overrides: Sequence[str] = ()) -> tuple[torch.nn.Module, Config, DatasetInfo, int]:
-    """(model in eval mode, its config with ``overrides`` applied, class info, step) from a checkpoint
-    file or the newest intact checkpoint of a run directory."""
-    model, cfg, info, step, _ = _load_trained(path, device, overrides)
-    return model, cfg, info, step
-
-
-def _load_trained(path: str | Path, device: str | torch.device,
-                  overrides: Sequence[str]) -> tuple[torch.nn.Module, Config, DatasetInfo, int, Path]:
-    warn = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    file, state = load_latest(path, map_location="cpu", require=MODEL_KEYS, warn=warn)
-    cfg = from_dict(state["config"])
-    for item in overrides:
-        apply_override(cfg, item)
-    info = DatasetInfo(**state["dataset"])
-    model = build_model(cfg, info.num_classes)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as exc:
-        raise ConfigError(_mismatch(file, state["config"], cfg, exc)) from None
-    return model.to(device).eval(), cfg, info, int(state["step"]), file
-
-
-def _mismatch(file: Path, stored: dict[str, Any], cfg: Config, exc: RuntimeError) -> str:
-    """One line: the checkpoint's weights do not fit the model its (overridden) config builds, and why."""
-    def fields(section: dict[str, Any]) -> dict[str, Any]:
-        return {"preset": section.get("preset"), **section.get("overrides", {})}
-
-    old, new = fields(stored["model"]), fields(cfg.to_dict()["model"])
-    changed = [f"model.{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} now"
-               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if changed:
-        return (f"the weights in {file} do not fit the model of the changed config ({'; '.join(changed)}): the "
-                "model is the checkpoint's, drop those --set overrides")
-    detail = " ".join(str(exc).split())[:200]
-    return f"the weights in {file} do not fit its own config (damaged checkpoint?): {detail}"
-
-
-def evaluate_checkpoint(path: str | Path, overrides: Sequence[str] = (), device: str = "auto") -> dict[str, Any]:
-    """Val metrics of a trained checkpoint (``overrides`` may change ``data.*``, e.g. the root or num_val)."""
-    dev = pick_device(device)
-    model, cfg, info, step, file = _load_trained(path, dev, overrides)
-    val_set, val_info = build_dataset(cfg.data, "val")
-    if val_info.class_names != info.class_names:
-        raise ConfigError(f"the val data's classes {val_info.class_names} differ from the model's {info.class_names}")
-    if is_point_data(cfg.data):
-        from .points import PointEvaluator  # imports this module
-
-        evaluator = PointEvaluator(val_set, info, topk=cfg.train.eval_topk)
-    else:
-        evaluator = Evaluator(val_set, info, batch_size=cfg.data.batch_size, topk=cfg.train.eval_topk)
-    return json_safe({"checkpoint": str(file), "step": step, **evaluator(model, dev)})
-
-
 UNDEFINED = "no ground-truth instance in the evaluated split (or in any IoU range): undefined, not 0"
 
 
@@ -262,74 +198,3 @@ def json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     if undefined:
         out["undefined"] = {**out.get("undefined", {}), **undefined}
     return out
-
-
-@torch.no_grad()
-def predict_instances(model: torch.nn.Module, images: Sequence[torch.Tensor], *, topk: int = 100,
-                      score_threshold: float = SCORE_THRESHOLD) -> list[dict[str, torch.Tensor]]:
-    """Instances with score > ``score_threshold`` for each image (3, H, W) in [0, 1] (no NMS)."""
-    device = next(model.parameters()).device
-    results = []
-    for image in images:
-        h, w = image.shape[-2:]
-        ph, pw = -(-h // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY, -(-w // SIZE_DIVISIBILITY) * SIZE_DIVISIBILITY
-        padded = torch.nn.functional.pad(image, (0, pw - w, 0, ph - h))  # zero padding, as collate does
-        outputs = model(padded[None].to(device))
-        gh, gw = _prediction_extent(outputs["pred_masks"].shape[-2:], (h, w), (ph, pw))
-        res = instance_inference(outputs["pred_logits"][0].float().cpu(),
-                                 outputs["pred_masks"][0, :, :gh, :gw].float().cpu(), (h, w), topk=topk)
-        keep = res["scores"] > score_threshold
-        results.append({k: v[keep] for k, v in res.items()})
-    return results
-
-
-def load_images(folder: str | Path, size: int | None = None) -> list[tuple[str, torch.Tensor]]:
-    """(file name, float (3, H, W) in [0, 1]) of every image in ``folder``; the longer side resized to
-    ``size`` (the training size: the model never saw other scales)."""
-    from PIL import Image
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
-    if not files:
-        raise ConfigError(f"no .png/.jpg/.jpeg/.bmp/.webp images in {folder}")
-    images = []
-    for file in files:
-        img = Image.open(file).convert("RGB")
-        if size is not None:
-            scale = size / max(img.size)
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
-        array = torch.tensor(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
-        images.append((file.name, array))
-    return images
-
-
-def draw_instances(ax: Any, image: torch.Tensor, instances: dict[str, Any], class_names: Sequence[str],
-                   title: str | None = None) -> None:
-    """Image with each instance's mask in its own colour and "class score" at the mask's centre."""
-    from matplotlib import colormaps
-
-    canvas = image.permute(1, 2, 0).float().numpy().copy()
-    masks, labels, scores = instances["masks"], instances["labels"], instances.get("scores")
-    colours = colormaps["tab20"]
-    outlines, labels_at = [], []
-    for k in range(len(labels)):
-        mask = masks[k].numpy()
-        if not mask.any():
-            continue
-        colour = np.array(colours(k % 20)[:3])
-        canvas[mask] = 0.45 * canvas[mask] + 0.55 * colour  # blend: the shape stays visible under its colour
-        ys, xs = np.nonzero(mask)
-        text = class_names[int(labels[k])] + ("" if scores is None else f" {float(scores[k]):.2f}")
-        outlines.append((mask, colour))
-        labels_at.append((xs.mean(), ys.mean(), text))
-    ax.imshow(np.clip(canvas, 0, 1), interpolation="nearest")
-    for mask, colour in outlines:  # outlines separate touching instances of similar colour
-        ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=0.8)
-    for x, y, text in labels_at:
-        ax.text(x, y, text, fontsize=6, ha="center", va="center", color="white",
-                bbox={"facecolor": "black", "alpha": 0.5, "pad": 1, "linewidth": 0})
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=9)

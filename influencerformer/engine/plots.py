@@ -113,46 +113,41 @@ def spread_labels(ax: Any, renderer: Any, max_tries: int = 40) -> int:
     return moved
 
 
-def plot_masks(images: list[dict[str, Any]], names: Sequence[str], predictions: list[list[dict[str, Any]]],
-               class_names: Sequence[str], draw: Any, path: Path, *, caption: str) -> None:
-    """masks.png for images: rows = val images; columns = ground truth, then each variant's predictions.
+def instance_colour(k: int) -> Any:
+    """RGB (3,) in [0, 1] of instance ``k``: tab20, cycling (the same colour for the same index everywhere)."""
+    import numpy as np
+    from matplotlib import colormaps
 
-    draw: ``draw(ax, image, instances, class_names, title=...)`` (evaluate's ``draw_instances``); labels of
-    overlapping instances are spread apart afterwards."""
+    return np.array(colormaps["tab20"](k % 20)[:3])
+
+
+def finish_axes(ax: Any, title: str | None) -> None:
+    """What every drawn item ends with: no axes, a small title when given."""
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def plot_masks(items: list[dict[str, Any]], truths: list[dict[str, Any]], names: Sequence[str],
+               predictions: list[list[dict[str, Any]]], class_names: Sequence[str], draw: Any, path: Path, *,
+               caption: str, panel: float = 2.6) -> None:
+    """masks.png: rows = val items (images or scenes); columns = ground truth, then each variant's predictions.
+
+    draw: ``draw(ax, item, instances, class_names, title=...)``, the modality's; ``truths``: each item's
+    ground-truth instances. Text labels of overlapping instances are spread apart afterwards."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(2.6 * (1 + len(names)), 2.6 * len(images) + 0.5), layout="constrained")
+    fig = Figure(figsize=(panel * (1 + len(names)), panel * len(items) + 0.5), layout="constrained")
     canvas = FigureCanvasAgg(fig)
-    axes = fig.subplots(len(images), 1 + len(names), squeeze=False)
-    for row, item in enumerate(images):
-        gt = {"masks": item["masks"], "labels": item["labels"], "scores": None}
-        draw(axes[row][0], item["image"], gt, class_names, title="ground truth" if row == 0 else None)
+    axes = fig.subplots(len(items), 1 + len(names), squeeze=False)
+    for row, (item, gt) in enumerate(zip(items, truths)):
+        draw(axes[row][0], item, gt, class_names, title="ground truth" if row == 0 else None)
         for col, name in enumerate(names):
-            draw(axes[row][col + 1], item["image"], predictions[col][row], class_names,
-                 title=name if row == 0 else None)
+            draw(axes[row][col + 1], item, predictions[col][row], class_names, title=name if row == 0 else None)
     fig.supxlabel(caption, fontsize=8)
     fig.draw_without_rendering()  # final layout first: label extents depend on it
     renderer = canvas.get_renderer()
     for ax in fig.axes:
         spread_labels(ax, renderer)
-    fig.savefig(path, dpi=110)
-
-
-def plot_point_masks(scenes: list[dict[str, Any]], names: Sequence[str], owners: list[list[Any]], draw: Any,
-                     path: Path, *, caption: str) -> None:
-    """masks.png for point clouds: top-down views; ground-truth instances, then each variant's predictions.
-
-    owners[col][row]: per point, the index of the predicted instance drawn there (-1: none);
-    draw: ``draw(ax, coords, owner, title=...)`` (``draw_point_instances``)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(3.2 * (1 + len(names)), 3.2 * len(scenes) + 0.5), layout="constrained")
-    axes = fig.subplots(len(scenes), 1 + len(names), squeeze=False)
-    for row, item in enumerate(scenes):
-        draw(axes[row][0], item["coords"], item["instance_labels"].long().clamp(min=-1),
-             title="ground truth" if row == 0 else None)
-        for col, name in enumerate(names):
-            draw(axes[row][col + 1], item["coords"], owners[col][row], title=name if row == 0 else None)
-    fig.supxlabel(caption, fontsize=8)
     fig.savefig(path, dpi=110)

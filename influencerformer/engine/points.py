@@ -18,19 +18,30 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from influencerformer.data.pointcloud import instance_targets
 from influencerformer.losses.semantic import IGNORE, add_semantic_term
-from influencerformer.metrics import InstanceAP3D, MeanIoU, query_usage
-from influencerformer.models import PointModelConfig, instance_inference
+from influencerformer.metrics import InstanceAP3D, MeanIoU
+from influencerformer.models import PointModelConfig, PointQueryModel, instance_inference
 
-from .evaluate import InstanceCounts, model_inputs, unwrap
+from .config import Config, ConfigError, DataConfig, DatasetInfo
+from .evaluate import SCORE_THRESHOLD, InstanceCounts, InstanceEvaluator, Instances, predict_batches
+from .plots import finish_axes
 
 MIN_REGION_SIZE = 100  # ScanNet protocol: instances and predictions under 100 points are not evaluated
+# the point-cloud side of the modality interface (engine/build.py)
+MODEL = PointQueryModel
+UNIT = "scenes"
+AP_LABEL = "val 3D AP"
+AP_DOC = ("- AP / AP50 / AP25: ScanNet-protocol 3D instance AP on every point of the val scenes (AP over IoU "
+          "0.50:0.05:0.90; regions under 100 points not evaluated), Mask2Former instance inference without NMS, "
+          "top-100 per scene.")
+MASKS_CAPTION = "; top-down view, one colour per instance"
+PANEL = 3.2  # inches per drawn scene in masks.png
 
 
 class PointScenes(Dataset):
@@ -89,6 +100,23 @@ def build_point_dataset(name: str, root: str | None, split: str, *, num_scenes: 
     return PointScenes(scenes, class_names, class_map, semantic_class_names=semantic)
 
 
+def build_dataset(data: DataConfig, split: str) -> tuple[PointScenes, DatasetInfo]:
+    """The ``split`` of ``data`` (ConfigError naming what is missing) and its instance classes."""
+    num = data.num_train if split == "train" else data.num_val
+    try:
+        ds = build_point_dataset(data.name, data.root, split, num_scenes=num, seed=data.seed,
+                                 points_per_room=data.points_per_room, strict=data.strict)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"{data.name} {split} split: {exc}") from None
+    return ds, DatasetInfo(len(ds.class_names), ds.class_names, list(range(len(ds.class_names))))
+
+
+def describe_data(data: DataConfig) -> str:
+    """The report's words for what a point run's inputs were."""
+    sampled = f"{data.num_points} points sampled per training scene" if data.num_points else "every point in training"
+    return f"{sampled}, every point at evaluation"
+
+
 def sample_indices(n: int, num_points: int | None, generator: torch.Generator | None = None) -> torch.Tensor | None:
     """``num_points`` distinct point indices of a scene of ``n`` points, uniform (None = all points).
     A scene with fewer points repeats random ones to fill the count."""
@@ -132,7 +160,12 @@ def make_point_collate(dataset: PointScenes, num_points: int | None,
     return functools.partial(collate_points, num_points=num_points, class_map=dataset.class_map, generator=generator)
 
 
-class PointEvaluator:
+def make_collate(dataset: PointScenes, data: DataConfig, generator: torch.Generator | None = None) -> Any:
+    """Training batches of ``data.num_points`` points per scene (``generator``: a fixed draw, e.g. the probe's)."""
+    return make_point_collate(dataset, data.num_points, generator)
+
+
+class PointEvaluator(InstanceEvaluator):
     """3D instance AP (ScanNet protocol) on whole val scenes, plus F1 / duplicates / query usage, and semantic
     ``mIoU`` when the model has a semantic head (no key otherwise).
 
@@ -142,47 +175,55 @@ class PointEvaluator:
     absent from both left out of the mean (``MeanIoU``)."""
 
     def __init__(self, dataset: PointScenes, info: Any, *, topk: int = 100) -> None:
-        self.dataset, self.info, self.topk = dataset, info, topk
+        super().__init__(info, topk=topk)
+        self.dataset = dataset
         self.collate = make_point_collate(dataset, None)
 
-    @torch.no_grad()
-    def __call__(self, model: torch.nn.Module, device: torch.device | str = "cpu") -> dict[str, float]:
-        model = unwrap(model)
-        was_training = model.training
-        model.eval()
-        ap = InstanceAP3D(self.info.class_names, min_region_size=MIN_REGION_SIZE)
-        counts = InstanceCounts(self.info, with_pq=False)
-        miou = None
-        for index in range(len(self.dataset)):
-            batch = self.collate([self.dataset[index]])
-            logits, res = scene_instances(model, batch, device, topk=self.topk)
-            gt = batch["targets"][0]
-            ap.update({"masks": res["masks"], "labels": res["labels"], "scores": res["scores"]}, gt)
-            counts.add(res, gt["masks"], gt["labels"])
-            counts.no_object.append(query_usage(logits))
-            if "semantic" in res:
-                if miou is None:  # classes: the head's or the data's, whichever is more (a missing one scores 0)
-                    miou = MeanIoU(max(res["num_semantic"], len(self.dataset.semantic_class_names)), IGNORE)
-                miou.update(res["semantic"], gt["sem_labels"])
-        model.train(was_training)
-        result = ap.compute()
-        semantic = {} if miou is None else {"mIoU": miou.compute()["mIoU"]}
-        return {"AP": result["AP"], "AP50": result["AP50"], "AP25": result["AP25"], **semantic, **counts.summary()}
+    def batches(self) -> Iterator[dict[str, Any]]:
+        return (self.collate([self.dataset[index]]) for index in range(len(self.dataset)))
+
+    def instances(self, outputs: dict[str, Any], batch: dict[str, Any]) -> Iterator[tuple[Instances, dict]]:
+        return zip(read_instances(outputs, batch, self.topk), batch["targets"])
+
+    def start(self) -> None:
+        self.ap = InstanceAP3D(self.info.class_names, min_region_size=MIN_REGION_SIZE)
+        self.miou: MeanIoU | None = None
+
+    def add(self, logits: torch.Tensor, res: dict[str, torch.Tensor], gt: dict[str, Any],
+            counts: InstanceCounts) -> None:
+        self.ap.update({"masks": res["masks"], "labels": res["labels"], "scores": res["scores"]}, gt)
+        if "semantic" in res:
+            if self.miou is None:  # classes: the head's or the data's, whichever is more (a missing one scores 0)
+                self.miou = MeanIoU(max(res["num_semantic"], len(self.dataset.semantic_class_names)), IGNORE)
+            self.miou.update(res["semantic"], gt["sem_labels"])
+
+    def finish(self) -> dict[str, float]:
+        result = self.ap.compute()
+        semantic = {} if self.miou is None else {"mIoU": self.miou.compute()["mIoU"]}
+        return {"AP": result["AP"], "AP50": result["AP50"], "AP25": result["AP25"], **semantic}
 
 
-def scene_instances(model: torch.nn.Module, batch: dict[str, Any], device: torch.device | str,
-                    *, topk: int = 100) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Class logits ``(Q, C+1)`` and Mask2Former instance inference (no NMS; masks bool ``(N, P)``) of the
-    one scene in ``batch``, on the CPU; with a semantic head also ``"semantic"`` (P,) long, each point's most
-    likely class, and ``"num_semantic"`` (the head's class count)."""
-    outputs = model(*model_inputs(batch, device))
-    logits = outputs["pred_logits"][0].float().cpu()
-    res = instance_inference(logits, outputs["pred_masks"][0, :, None, :].float().cpu(), None, topk=topk)
-    res["masks"] = res["masks"][:, 0]
-    if "sem_logits" in outputs:
-        res["semantic"] = outputs["sem_logits"][0].argmax(-1).cpu()
-        res["num_semantic"] = outputs["sem_logits"].shape[-1]
-    return logits, res
+def make_evaluator(dataset: PointScenes, info: DatasetInfo, cfg: Config) -> PointEvaluator:
+    return PointEvaluator(dataset, info, topk=cfg.train.eval_topk)
+
+
+def read_instances(outputs: dict[str, Any], batch: dict[str, Any], topk: int = 100) -> Iterator[Instances]:
+    """Per scene of ``batch``: class logits ``(Q, C+1)`` and Mask2Former instance inference (no NMS; masks bool
+    ``(N, P)``) on the CPU; with a semantic head also ``"semantic"`` (P,) long, each point's most likely class,
+    and ``"num_semantic"`` (the head's class count)."""
+    for b in range(outputs["pred_logits"].shape[0]):
+        logits = outputs["pred_logits"][b].float().cpu()
+        res = instance_inference(logits, outputs["pred_masks"][b, :, None, :].float().cpu(), None, topk=topk)
+        res["masks"] = res["masks"][:, 0]
+        if "sem_logits" in outputs:
+            res["semantic"] = outputs["sem_logits"][b].argmax(-1).cpu()
+            res["num_semantic"] = outputs["sem_logits"].shape[-1]
+        yield logits, res
+
+
+def attach_terms(criterion: torch.nn.Module, cfg: Config) -> None:
+    """The modality interface's hook: :func:`attach_point_terms` with the run's model options."""
+    attach_point_terms(criterion, cfg.criterion.name, cfg.model.preset, cfg.model.overrides)
 
 
 def attach_point_terms(criterion: torch.nn.Module, criterion_name: str, preset: str,
@@ -200,13 +241,35 @@ def attach_point_terms(criterion: torch.nn.Module, criterion_name: str, preset: 
 # ----------------------------------------------------------------------------------------- pictures
 
 
-@torch.no_grad()
-def predict_scene(model: torch.nn.Module, item: dict, *, topk: int = 100, score_threshold: float = 0.5) -> dict:
-    """Instances of one whole scene with score > ``score_threshold``: masks bool (N, P), labels, scores."""
-    batch = collate_points([item], num_points=None, class_map=None)
-    _, res = scene_instances(model, batch, next(model.parameters()).device, topk=topk)
-    keep = res["scores"] > score_threshold
-    return {k: res[k][keep] for k in ("masks", "labels", "scores")}
+def predict(model: torch.nn.Module, items: Sequence[dict], *, topk: int = 100,
+            score_threshold: float = SCORE_THRESHOLD) -> list[dict[str, torch.Tensor]]:
+    """Instances of each whole scene with score > ``score_threshold``: masks bool (N, P), labels, scores."""
+    batches = (collate_points([item], num_points=None, class_map=None) for item in items)
+    read = functools.partial(read_instances, topk=topk)
+    return predict_batches(model, batches, read, score_threshold=score_threshold)
+
+
+def predict_scene(model: torch.nn.Module, item: dict, *, topk: int = 100,
+                  score_threshold: float = SCORE_THRESHOLD) -> dict:
+    """:func:`predict` of one scene."""
+    return predict(model, [item], topk=topk, score_threshold=score_threshold)[0]
+
+
+def truth(item: dict) -> dict[str, Any]:
+    """A scene's ground-truth instances (semantic labels as classes), drawn like predictions."""
+    return {**instance_targets(item["instance_labels"], item["sem_labels"]), "scores": None}
+
+
+def item_name(item: dict) -> str:
+    return str(item.get("scene_id") or "scene")
+
+
+def load_items(folder: Any, data: DataConfig, size: int | None = None) -> list:
+    raise ConfigError(f"--images reads image files; {data.name} is a point-cloud run: predict draws its val scenes")
+
+
+def draw(ax: Any, item: dict, instances: dict[str, Any], class_names: Sequence[str], title: str | None = None) -> None:
+    draw_point_instances(ax, item["coords"], point_owner(instances["masks"], instances.get("scores")), title)
 
 
 def point_owner(masks: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -229,6 +292,4 @@ def draw_point_instances(ax: Any, coords: torch.Tensor, owner: torch.Tensor, tit
     colours = colormaps["tab20"]((owner[~none] % 20) / 19.999)
     ax.scatter(xy[~none, 0], xy[~none, 1], s=0.6, c=colours, linewidths=0)
     ax.set_aspect("equal")
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=9)
+    finish_axes(ax, title)

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import Config, is_point_data
+from .build import modality
+from .config import Config
 
 TABLE = [  # (results key, column title, format); "±" cells are mean ± sd over seeds
     ("AP", "AP", "{:.3f}"), ("AP50", "AP50", "{:.3f}"), ("AP75", "AP75", "{:.3f}"), ("AP25", "AP25", "{:.3f}"),
@@ -222,13 +223,6 @@ def load_lines(runs: list[dict[str, Any]], cores: int | None) -> list[str]:
 # ------------------------------------------------------------------------------------------------ setup
 
 
-AP_DOC_2D = ("- AP / AP50 / AP75: COCO mask AP on the val split, Mask2Former instance inference without NMS, "
-             "top-100 per image.")
-AP_DOC_3D = ("- AP / AP50 / AP25: ScanNet-protocol 3D instance AP on every point of the val scenes (AP over IoU "
-             "0.50:0.05:0.90; regions under 100 points not evaluated), Mask2Former instance inference without NMS, "
-             "top-100 per scene.")
-
-
 def _count(sizes: dict[str, tuple[int, int]], split: str, unit: str) -> str:
     used, total = sizes[split]
     return f"{split} {used} of {total} {unit}" if used < total else f"{split} {used} {unit}"
@@ -240,13 +234,9 @@ def data_line(cfg: Config, sizes: dict[str, tuple[int, int]]) -> str:
     where = {"shapes2d": f"preset {d.preset}, data seed {d.seed}", "rooms3d": f"data seed {d.seed}, "
              f"{d.points_per_room[0]}–{d.points_per_room[1]} points per room"}.get(d.name, f"root {d.root}")
     batch = f"batch {d.batch_size} × accumulation {t.grad_accum}"
-    if is_point_data(d):
-        sampled = f"{d.num_points} points sampled per training scene" if d.num_points else "every point in training"
-        return (f"- data: {d.name} ({where}): {_count(sizes, 'train', 'scenes')}, {_count(sizes, 'val', 'scenes')}; "
-                f"{sampled}, every point at evaluation; {batch}")
-    size = f"images resized to {d.image_size}" if d.image_size else "native image size"
-    return (f"- data: {d.name} ({where}): {_count(sizes, 'train', 'images')}, {_count(sizes, 'val', 'images')}; "
-            f"{size}; {batch}")
+    data = modality(d)
+    return (f"- data: {d.name} ({where}): {_count(sizes, 'train', data.UNIT)}, {_count(sizes, 'val', data.UNIT)}; "
+            f"{data.describe_data(d)}; {batch}")
 
 
 def setup_lines(cfg: Config, variants: Sequence[str], sizes: dict[str, tuple[int, int]], device: Any,
@@ -269,7 +259,7 @@ def setup_lines(cfg: Config, variants: Sequence[str], sizes: dict[str, tuple[int
 def curves_title(cfg: Config, sizes: dict[str, tuple[int, int]], seeds: Sequence[int]) -> str:
     d = cfg.data
     what = f"{d.name} preset {d.preset}" if d.name == "shapes2d" else d.name
-    unit = "scenes" if is_point_data(d) else "images"
+    unit = modality(d).UNIT
     seeds_text = f"seed {seeds[0]}" if len(seeds) == 1 else \
         f"seeds {', '.join(map(str, seeds))} (mean, band ± 1 sd over seeds)"
     return (f"{what} ({sizes['train'][0]} train / {sizes['val'][0]} val {unit}), {cfg.train.steps} steps, "

@@ -9,49 +9,31 @@ included) against the whole step, and evaluation curves.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
 
 from influencerformer.losses.criterion import base_name
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import (Config, ConfigError, DatasetInfo, build_criterion, build_dataset, build_model, is_point_data,
-                     validate)
-from .evaluate import AssignmentProbe, Evaluator, json_safe, make_collate, model_inputs, unwrap
-from .points import PointEvaluator, make_point_collate
+from .build import build_criterion, build_dataset, build_model, modality
+from .config import Config, ConfigError, validate
+from .evaluate import AssignmentProbe, model_inputs
+from .run_dir import RunExistsError, RunLogger, check_run_dir, set_aside_run  # noqa: F401  (RunExistsError: API)
+from .run_state import NonFiniteLossError, Run, TrainStream, all_finite, check_weights, latest_intact, restore, save
 
-FINAL_LOSS_WINDOW = 50  # "final loss" = mean over the last steps, less noisy than one batch
 # Optimiser steps skipped for non-finite gradients in a row before the run stops. fp16's grad scaler starts at
 # 2**16 and halves on every overflow, so its first steps may overflow many times in a row by design.
 MAX_NONFINITE_STEPS = 5
 MAX_NONFINITE_STEPS_FP16 = 25
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")  # what a run writes in its folder
-REPLACED_PREFIX = ".replaced-"  # an overwritten run's files wait here until the new run's first checkpoint
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss, the model output, the gradients or the weights became NaN/Inf; training stops."""
-
-
-class RunExistsError(ConfigError):
-    """The run folder holds an earlier run and neither --resume nor --overwrite was given."""
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -89,45 +71,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), **fused)
 
 
-class TrainStream:
-    """Endless micro-batches whose order is a pure function of (seed, epoch, position).
-
-    The epoch order comes from DistributedSampler (seed + epoch, also with one process), so every
-    criterion sees the same images in the same order, and a resumed run restarts at micro-batch
-    ``start`` of its epoch without replaying the data before it. The loader's generator (worker seeds)
-    is saved as it was at the epoch start, so a resumed epoch draws the same worker seeds.
-    """
-
-    def __init__(self, dataset: Any, cfg: Config, info: distributed.DistInfo, collate: Any) -> None:
-        self.dataset, self.collate = dataset, collate
-        self.batch_size, self.workers = cfg.data.batch_size, cfg.data.workers
-        self.sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                          shuffle=True, seed=cfg.train.seed, drop_last=True)
-        self.per_epoch = len(self.sampler) // self.batch_size
-        if self.per_epoch == 0:
-            raise ConfigError(f"{len(dataset)} training items cannot fill one batch of {self.batch_size} "
-                              f"on each of {info.world_size} process(es)")
-        self.generator = torch.Generator().manual_seed(cfg.train.seed)
-        self.epoch_state = self.generator.get_state()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.epoch_state}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-
-    def batches(self, start: int) -> Iterator[dict[str, Any]]:
-        epoch, skip = divmod(start, self.per_epoch)
-        while True:
-            self.sampler.set_epoch(epoch)
-            indices = list(self.sampler)[skip * self.batch_size:]
-            self.epoch_state = self.generator.get_state()
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=indices, drop_last=True,
-                                num_workers=self.workers, collate_fn=self.collate, generator=self.generator)
-            yield from loader
-            epoch, skip = epoch + 1, 0
-
-
 def to_device(batch: dict[str, Any], device: torch.device) -> tuple[tuple[torch.Tensor, ...], list[dict[str, torch.Tensor]]]:
     """(model inputs, targets) of a batch on ``device``."""
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
@@ -159,7 +102,7 @@ def nonfinite_outputs(outputs: dict[str, Any]) -> list[str]:
     layers = [("", outputs)] + [(f"aux_outputs[{i}].", a) for i, a in enumerate(outputs.get("aux_outputs") or [])]
     named = [(f"{prefix}{k}", layer[k]) for prefix, layer in layers for k in ("pred_logits", "pred_masks")
              if isinstance(layer.get(k), torch.Tensor)]
-    ok = torch.stack([_finite(t.detach()) for _, t in named]).tolist() if named else []
+    ok = torch.stack([all_finite(t.detach()) for _, t in named]).tolist() if named else []
     return [name for (name, _), good in zip(named, ok) if not good]
 
 
@@ -167,99 +110,6 @@ def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so host timers measure the work itself (a CPU-GPU sync point)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class RunLogger:
-    """``config.yaml`` + ``metrics.jsonl`` (+ TensorBoard) in the run dir; rank 0 only."""
-
-    def __init__(self, cfg: Config, enabled: bool, start_step: int) -> None:
-        self.enabled, self.tb = enabled, None
-        if not enabled:
-            return
-        self.dir = Path(cfg.train.out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.dir / "config.yaml", cfg.to_yaml())
-        self.path = self.dir / "metrics.jsonl"
-        # A resumed run drops what was logged after its checkpoint (the replay logs those steps again) and a
-        # line cut by a kill; rewritten atomically, so a kill now leaves the old file, never half of it.
-        kept = [line for line in self._records() if line[1] <= start_step] if start_step else []
-        _atomic_write_text(self.path, "".join(text for text, _ in kept))
-        if cfg.train.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)")
-            self.tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-
-    def _records(self) -> list[tuple[str, int]]:
-        """(line, step) of every complete, parseable line of metrics.jsonl."""
-        lines = self.path.read_text(errors="replace").splitlines(keepends=True) if self.path.exists() else []
-        kept = []
-        for line in lines:
-            try:
-                kept.append((line if line.endswith("\n") else line + "\n", int(json.loads(line)["step"])))
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut by a kill (or edited by hand): not a record
-        return kept
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        # one append of a whole line: a kill leaves every earlier line intact (O_APPEND, one write call)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (json.dumps(json_safe(record), allow_nan=False) + "\n").encode())
-        finally:
-            os.close(fd)
-        if self.tb is not None:
-            prefix = record.get("kind", "train")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-@dataclass
-class Run:
-    """Everything one training run holds. The loop in :func:`train` reads top to bottom over it."""
-
-    cfg: Config
-    dist: distributed.DistInfo
-    data_info: DatasetInfo
-    model: torch.nn.Module  # DDP-wrapped when world_size > 1
-    criterion: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    stream: TrainStream
-    evaluator: Evaluator | None  # rank 0 only
-    probe: AssignmentProbe | None
-    step: int = 0
-    curve: list[dict[str, Any]] = field(default_factory=list)
-    recent: deque = field(default_factory=lambda: deque(maxlen=FINAL_LOSS_WINDOW))
-    times: dict[str, list[float]] = field(default_factory=lambda: {"step": [], "loss": [], "assign": [], "data": []})
-    logger: RunLogger | None = None
-    checkpoint: str | None = None  # the latest checkpoint written (rank 0)
-    skipped_steps: int = 0  # optimiser steps skipped for non-finite gradients, in all
-    nonfinite_in_a_row: int = 0  # ... and how many of the latest steps in a row
-    replaced: list[Path] = field(default_factory=list)  # an overwritten run's files, deleted at the first save
-
-    @property
-    def device(self) -> torch.device:
-        return self.dist.device
 
 
 def _build(cfg: Config, info: distributed.DistInfo) -> Run:
@@ -274,133 +124,20 @@ def _build(cfg: Config, info: distributed.DistInfo) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.train.amp == "fp16")
     evaluator = probe = None
-    points = is_point_data(cfg.data)
+    data = modality(cfg.data)
     if info.is_main:
         val_set, _ = build_dataset(cfg.data, "val")
-        evaluator = (PointEvaluator(val_set, ds_info, topk=cfg.train.eval_topk) if points else
-                     Evaluator(val_set, ds_info, batch_size=cfg.data.batch_size, topk=cfg.train.eval_topk))
+        evaluator = data.make_evaluator(val_set, ds_info, cfg)
     if cfg.train.probe_images > 0:  # every rank: the criterion may all-reduce inside its forward
         n = min(cfg.train.probe_images, len(train_set))
-        # point clouds: one fixed sample of each probe scene (a fresh sample would move the owners by itself)
-        probe_collate = (make_point_collate(train_set, cfg.data.num_points, torch.Generator().manual_seed(0))
-                         if points else make_collate())
+        # a fixed draw (point clouds: one sample of each probe scene; a fresh one would move the owners by itself)
+        probe_collate = data.make_collate(train_set, cfg.data, torch.Generator().manual_seed(0))
         probe = AssignmentProbe(probe_collate([train_set[i] for i in range(n)]))
     if info.enabled:
         ids = [info.device.index] if info.device.type == "cuda" else None
         model = DDP(model, device_ids=ids)
-    collate = make_point_collate(train_set, cfg.data.num_points) if points else make_collate()
-    stream = TrainStream(train_set, cfg, info, collate)
+    stream = TrainStream(train_set, cfg, info, data.make_collate(train_set, cfg.data))
     return Run(cfg, info, ds_info, model, criterion, optimizer, scheduler, scaler, stream, evaluator, probe)
-
-
-# ------------------------------------------------------------------------------------ checkpoint state
-
-
-def _gather_rng(run: Run) -> list[dict[str, Any]]:
-    """RNG states of every rank (ranks draw different numbers: their batches differ), rank order."""
-    states = ckpt.rng_states()
-    if not run.dist.enabled:
-        return [states]
-    gathered: list[Any] = [None] * run.dist.world_size
-    torch.distributed.all_gather_object(gathered, states)
-    return gathered
-
-
-@torch.no_grad()
-def _finite(t: torch.Tensor) -> torch.Tensor:
-    """0-dim bool: no NaN/Inf in ``t`` (min/max propagate both: one reduction, no full-size mask)."""
-    if t.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=t.device)
-    lo, hi = torch.aminmax(t)
-    return torch.isfinite(lo) & torch.isfinite(hi)
-
-
-def _check_weights(run: Run, before: str) -> None:
-    """Stop (NonFiniteLossError) if a weight is NaN/Inf: such a state must never be evaluated or saved.
-    One host sync for all tensors; every rank holds the same weights, so every rank stops together."""
-    state = unwrap(run.model).state_dict()
-    floats = [(name, t) for name, t in state.items() if t.is_floating_point()]
-    ok = torch.stack([_finite(t) for _, t in floats]).tolist() if floats else []
-    bad = [name for (name, _), good in zip(floats, ok) if not good]
-    if bad:
-        kept = f"the latest checkpoint, {run.checkpoint}, holds the last finite weights" if run.checkpoint else \
-            "no checkpoint was written"
-        raise NonFiniteLossError(f"non-finite weights after step {run.step} ({', '.join(bad[:3])}"
-                                 f"{', ...' if len(bad) > 3 else ''}); not {before}: {kept}. Lower optim.lr "
-                                 "or set optim.clip")
-
-
-def _save(run: Run) -> None:
-    _check_weights(run, "saved")
-    rng = _gather_rng(run)  # collective: every rank takes part, rank 0 writes
-    if run.dist.is_main:
-        state = {
-            "model": unwrap(run.model).state_dict(),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(),
-            "stream": run.stream.state_dict(),
-            "rng": rng,
-            "config": run.cfg.to_dict(),
-            "dataset": dataclasses.asdict(run.data_info),  # class names/ids: evaluate and predict need no data
-            "history": {"curve": run.curve, "recent": list(run.recent), "times": run.times,
-                        "probe": run.probe.previous if run.probe else None,
-                        "skipped_steps": run.skipped_steps, "nonfinite_in_a_row": run.nonfinite_in_a_row},
-        }
-        path = ckpt.save_checkpoint(run.cfg.train.out_dir, run.step, state, keep=run.cfg.train.keep_checkpoints)
-        run.checkpoint = str(path)
-        for folder in run.replaced:  # the new run has a checkpoint now: the overwritten run may go
-            shutil.rmtree(folder, ignore_errors=True)
-        run.replaced = []
-    distributed.barrier()
-
-
-def _latest_intact(run: Run) -> tuple[Path, dict[str, Any]] | None:
-    """(path, state) of the newest intact checkpoint of the run dir, None when it has none.
-
-    Damaged newer files are named on stderr and renamed ``*.damaged`` (kept, but no longer "latest": the
-    resumed run's own checkpoints would otherwise be rotated away behind them)."""
-    run_dir = run.cfg.train.out_dir
-    if not ckpt.list_checkpoints(run_dir):
-        return None
-    warn = (lambda line: print(line, file=sys.stderr, flush=True)) if run.dist.is_main else None
-    path, state = ckpt.load_latest(run_dir, map_location=run.device, require=ckpt.TRAINING_KEYS, warn=warn)
-    distributed.barrier()  # every rank has read its state before rank 0 renames anything
-    if run.dist.is_main:
-        for step, file in ckpt.list_checkpoints(run_dir):
-            if step > state["step"]:
-                file.rename(file.with_name(file.name + ".damaged"))
-                print(f"renamed the damaged {file.name} to {file.name}.damaged", file=sys.stderr, flush=True)
-    distributed.barrier()
-    return path, state
-
-
-def _restore(run: Run, path: Path, state: dict[str, Any]) -> None:
-    """Continue exactly where the checkpoint left off: weights, optimiser, schedule, data position, RNG."""
-    changed = _config_changes(state["config"], run.cfg.to_dict())
-    if changed and run.dist.is_main:
-        print(f"warning: resuming {path} with a changed config: {', '.join(changed)}", file=sys.stderr)
-    unwrap(run.model).load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    run.stream.load_state_dict(state["stream"])
-    rng = state["rng"]
-    ckpt.set_rng_states(rng[run.dist.rank] if run.dist.rank < len(rng) else rng[0])
-    history = state["history"]
-    run.step, run.curve, run.times = state["step"], history["curve"], history["times"]
-    run.checkpoint = str(path)
-    run.recent.extend(history["recent"])
-    run.skipped_steps = history.get("skipped_steps", 0)
-    run.nonfinite_in_a_row = history.get("nonfinite_in_a_row", 0)
-    if run.probe is not None:
-        run.probe.previous = history["probe"]
-
-
-def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    ignored = {("train", "progress"), ("train", "device"), ("train", "out_dir"), ("data", "workers")}
-    return [f"{s}.{k}: {old[s].get(k)!r} -> {v!r}" for s in new for k, v in new[s].items()
-            if (s, k) not in ignored and old.get(s, {}).get(k) != v]
 
 
 # ------------------------------------------------------------------------------------------- one step
@@ -525,7 +262,7 @@ def _record(run: Run, losses: dict[str, torch.Tensor], norm: torch.Tensor, times
 
 def _evaluate(run: Run) -> None:
     """Val metrics on rank 0 + the assignment probe on every rank, without touching the training RNG."""
-    _check_weights(run, "evaluated")
+    check_weights(run, "evaluated")
     devices = [run.device] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         change = run.probe(run.model, run.criterion, run.device) if run.probe is not None else None
@@ -579,9 +316,9 @@ def _train(cfg: Config, info: distributed.DistInfo, resume: bool, overwrite: boo
         removed = ckpt.remove_orphan_temps(cfg.train.out_dir)
         if removed:
             print(f"removed {len(removed)} temp file(s) of an interrupted checkpoint write", flush=True)
-    found = _latest_intact(run) if resume else None
+    found = latest_intact(run) if resume else None
     if found is not None:
-        _restore(run, *found)
+        restore(run, *found)
         if info.is_main:
             print(f"resumed from {found[0]} at step {run.step}", flush=True)
     elif resume and info.is_main:
@@ -609,64 +346,11 @@ def _train(cfg: Config, info: distributed.DistInfo, resume: bool, overwrite: boo
             if _due(run.step, cfg.train.eval_every, cfg.train.steps):
                 _evaluate(run)
             if _due(run.step, cfg.train.checkpoint_every, cfg.train.steps) or run.step == stop:
-                _save(run)
+                save(run)
     finally:
         bar.close()
         run.logger.close()
     return summarize(run)
-
-
-# ------------------------------------------------------------------------------------------ run folder
-
-
-def earlier_run(run_dir: str | Path) -> list[str]:
-    """Names of the files of an earlier run in ``run_dir`` (empty: nothing a new run would replace)."""
-    path = Path(run_dir)
-    found = []
-    for name in RUN_FILES:
-        item = path / name
-        if item.is_file() or (item.is_dir() and any(item.iterdir())):
-            found.append(name + ("/" if item.is_dir() else ""))
-    return found
-
-
-def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
-    """Before any work: the run folder can be written, and a fresh run replaces an earlier one only when asked.
-
-    Raises ConfigError (RunExistsError for an earlier run) with one line naming the folder."""
-    if resume and overwrite:
-        raise ConfigError("--resume continues the run in the folder, --overwrite replaces it: give one of them")
-    path = Path(run_dir)
-    for folder in (path, *path.parents):  # the first existing one decides
-        if folder.exists() or folder.is_symlink():
-            if not folder.is_dir():
-                raise ConfigError(f"run folder {path}: {folder} exists and is not a folder")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise ConfigError(f"run folder {path}: {folder} is not writable")
-            break
-    found = earlier_run(path)
-    if found and not resume and not overwrite:
-        raise RunExistsError(f"{path} already holds a run ({', '.join(found)}): use --resume to continue it or "
-                             f"--overwrite to replace it (or another --out)")
-
-
-def set_aside_run(run_dir: str | Path) -> list[Path]:
-    """Move an earlier run's files into ``run_dir/.replaced-N/`` (renames: nothing is deleted here) and
-    return every such folder; :func:`_save` deletes them once the new run's first checkpoint exists."""
-    path = Path(run_dir)
-    found = [path / name.rstrip("/") for name in earlier_run(path)]
-    if found:
-        n = 0
-        while (path / f"{REPLACED_PREFIX}{n}").exists():
-            n += 1
-        aside = path / f"{REPLACED_PREFIX}{n}"
-        aside.mkdir()
-        for item in found:
-            item.rename(aside / item.name)
-        ckpt.fsync_dir(path)
-        print(f"--overwrite: moved the earlier run's {', '.join(p.name for p in found)} to {aside}; deleted once "
-              "this run writes its first checkpoint", flush=True)
-    return sorted(p for p in path.glob(f"{REPLACED_PREFIX}*") if p.is_dir())
 
 
 TIMING_WARMUP = 5  # first steps are slower (allocator, lazy init): left out of the mean step time

@@ -17,12 +17,13 @@ WORKER = textwrap.dedent("""
     import torch
     T = importlib.import_module("influencerformer.engine.train")  # the module (the package exports the function)
     from influencerformer.engine.config import load_config
+    from influencerformer.engine.evaluate import unwrap
 
     out = sys.argv[1]
     final = {}
     summarize = T.summarize
     def keep_weights(run):
-        final["model"] = {k: v.clone() for k, v in T.unwrap(run.model).state_dict().items()}
+        final["model"] = {k: v.clone() for k, v in unwrap(run.model).state_dict().items()}
         return summarize(run)
     T.summarize = keep_weights
     cfg = load_config(None, sys.argv[2:] + [f"train.out_dir={out}/run"])
@@ -69,7 +70,7 @@ def test_single_process_setup_needs_no_process_group(monkeypatch):
 def test_ranks_get_disjoint_shards_of_each_epoch(tmp_path):
     from influencerformer.data import Shapes2D
     from influencerformer.engine.config import load_config
-    from influencerformer.engine.evaluate import make_collate
+    from influencerformer.engine.images import make_collate
     from influencerformer.engine.train import TrainStream
 
     data = Shapes2D("train", preset="medium", num_images=8)

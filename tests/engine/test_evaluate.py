@@ -18,7 +18,8 @@ def test_json_safe_turns_nan_into_null_with_a_reason():
 def test_point_scenes_without_instances_give_null_ap(tmp_path):
     from influencerformer.data.pointcloud import write_preprocessed
     from influencerformer.data.rooms3d import Rooms3D
-    from influencerformer.engine.config import DatasetInfo, build_model, load_config
+    from influencerformer.engine.build import build_model
+    from influencerformer.engine.config import DatasetInfo, load_config
     from influencerformer.engine.points import PointEvaluator, build_point_dataset
 
     scene = Rooms3D("train", num_scenes=1, points_per_room=(300, 400))[0]

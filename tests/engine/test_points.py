@@ -10,8 +10,9 @@ from influencerformer.cli import main
 from influencerformer.data.rooms3d import Rooms3D
 from influencerformer.engine.checkpoint import load_checkpoint
 from influencerformer.engine.compare import compare
-from influencerformer.engine.config import ConfigError, DataConfig, build_dataset, load_config
-from influencerformer.engine.evaluate import evaluate_checkpoint, model_inputs
+from influencerformer.engine.build import build_dataset, evaluate_checkpoint
+from influencerformer.engine.config import ConfigError, DataConfig, load_config
+from influencerformer.engine.evaluate import model_inputs
 from influencerformer.engine.points import PointEvaluator, PointScenes, collate_points, point_owner
 from influencerformer.engine.train import train
 
@@ -155,8 +156,10 @@ def test_point_config_and_cli_errors(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"data.points_per_room must be \[low, high\]"):
         load_config(None, ["data.name=rooms3d", "data.points_per_room=[5,2]"])
     train(tiny_3d(tmp_path, "train.steps=1", "train.eval_every=0", "train.probe_images=0"))
-    assert main(["predict", str(tmp_path), "--device", "cpu"]) == 2
-    assert "point-cloud run: use `influencerformer evaluate" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "pred")]) == 0  # top-down views
+    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == ["rooms3d_val_00000.png", "rooms3d_val_00001.png"]
+    assert main(["predict", str(tmp_path), "--device", "cpu", "--images", str(tmp_path)]) == 2
+    assert "--images reads image files; rooms3d is a point-cloud run" in capsys.readouterr().err
 
 
 def test_point_data_without_a_config_file_gets_the_cpu_3d_budget():
@@ -325,7 +328,7 @@ def test_seeded_config_is_the_cpu_budget_with_sampled_queries_and_checked_kwargs
     with pytest.raises(ConfigError, match="unknown key criterion.epsilon; valid keys: .*per_instance"):
         load_config(None, ["data.name=rooms3d", "criterion.name=seeded", "criterion.epsilon=0.1"])
     with pytest.raises(ConfigError, match="criterion 'seeded': per_instance must be None or an int >= 1"):
-        from influencerformer.engine.config import build_criterion
+        from influencerformer.engine.build import build_criterion
 
         cfg = load_config(None, ["data.name=rooms3d", "criterion.name=seeded", "criterion.per_instance=0",
                                  "model.query_init=sampled"])

@@ -8,7 +8,7 @@ from influencerformer.engine.checkpoint import list_checkpoints, load_checkpoint
 from influencerformer.engine.config import ConfigError, load_config
 from influencerformer.engine.train import NonFiniteLossError, TrainStream, train
 from influencerformer.engine.distributed import DistInfo
-from influencerformer.engine.evaluate import make_collate
+from influencerformer.engine.images import make_collate
 from influencerformer.data import Shapes2D
 from influencerformer.losses import registry
 
@@ -212,7 +212,7 @@ def test_overwrite_killed_before_its_first_checkpoint_loses_nothing(tmp_path, mo
     def killed(run):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "_save", killed)
+    monkeypatch.setattr(train_module, "save", killed)
     with pytest.raises(KeyboardInterrupt):
         train(tiny(tmp_path, "train.steps=2", "train.seed=1"), overwrite=True)
     assert (tmp_path / ".replaced-0" / "checkpoints" / "step_0000002.pt").read_bytes() == old
