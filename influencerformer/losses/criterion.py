@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from .assignment import Indices, assignment_of, linear_sum_assignment_batched
+from .pair_kernel import instance_ids, pair_terms
 from .timing import SectionTimer
 from .weighted_terms import loss_ce
 from .mask_losses import (
@@ -327,8 +328,14 @@ class HungarianCriterion(SetCriterion):
             tgt = point_sample(padded.masks, coords.transpose(0, 1).flatten(1, 2))  # (B, K, L * P)
             tgt = tgt.unflatten(-1, (num_layers, -1)).permute(2, 0, 1, 3)  # (L, B, K, P)
         else:  # every location: images flattened, point clouds as they are
-            pred = torch.stack([m.float().flatten(2) for _, m in layers])
-            tgt = grid_targets[None]
+            pred = [m.float().flatten(2) for _, m in layers]
+            ids = instance_ids(grid_targets) if self.mask_loss == "bce" else None
+            if ids is not None:  # disjoint binary targets: segment sums by instance id, no K factor
+                targets1 = torch.cat([grid_targets, grid_targets.new_ones(batch, 1, grid_targets.shape[-1])], 1)
+                bce, dice = (torch.stack(terms) for terms in zip(*(pair_terms(m, None, targets1, ids) for m in pred)))
+                return (self.weight_dict["loss_mask"] * bce + self.weight_dict["loss_ce"] * cost_class
+                        + self.weight_dict["loss_dice"] * dice)
+            pred, tgt = torch.stack(pred), grid_targets[None]
         pairwise_mask = _MASK_LOSSES[self.mask_loss][0]
         return (self.weight_dict["loss_mask"] * pairwise_mask(pred, tgt)
                 + self.weight_dict["loss_ce"] * cost_class
