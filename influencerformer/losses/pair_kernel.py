@@ -10,7 +10,8 @@ Two paths with the same values (tested equal in float64, gradients included):
   O(B Q P) with no K factor.
 
 ``pair_terms`` is the entry point and takes the sparse path by itself on the CPU (``instance_ids``, read once
-per targets tensor).  No ``(B, Q, K, P)`` tensor, no float64, no host sync.
+per targets tensor); on other devices acting on that test would be a host sync, so there it stays dense unless
+given ``ids``.  No ``(B, Q, K, P)`` tensor, no float64, no host sync.
 """
 
 from __future__ import annotations
@@ -53,8 +54,9 @@ class PairTerms(torch.autograd.Function):
     Sparse path (``ids (B, P)``: the instance of each location, ``K`` for none): ``x @ t^T`` and ``s @ t^T`` are
     segment sums of ``x`` and ``s`` by id (segment ``K`` is the background; all segments together give the row
     sums), ``sum_p t`` counts the ids, and ``[A_d, 0] + c`` and ``[A_b, 0]`` are read at each location's id.
-    ``softplus(x) = relu(x) - log(0.5 + |s - 0.5|)`` (one ``log``; PyTorch's CPU softplus runs ``log1p``
-    unvectorised; absolute error < 1e-7 per location, no overflow for any ``x``).  Only ``s`` is kept for the
+    ``softplus(x) = relu(x) - log(0.5 + |s - 0.5|)``, its sum over locations with one ``log`` per 64 of them
+    (``_log_sum``; PyTorch's CPU softplus runs ``log1p`` unvectorised; absolute error ~1e-7 per location, no
+    overflow for any ``x``).  Only ``s`` is kept for the
     backward, and it is kept inside the buffer that becomes the gradient of ``masks`` (allocated once, in the
     forward: on the CPU each fresh (B, Q, P) buffer costs page faults); the gradient is scattered back onto the
     grid (``index`` holds distinct pixels: a plain scatter).  A second backward through the same graph
@@ -117,7 +119,7 @@ class PairTerms(torch.autograd.Function):
         inter = inter[..., :k]
         dice = 1 - (2 * inter + 1) / den
         ctx.save_for_backward(masks, targets1 if ids is None else None, index, den, inter, ids)
-        ctx.probs, ctx.grad_buffer, ctx.step, ctx.sizes = probs, grad_buffer, step, (k, p)  # plain attributes
+        ctx.probs, ctx.grad_buffer, ctx.step, ctx.k_p = probs, grad_buffer, step, (k, p)  # plain attributes
         return bce, dice
 
     @staticmethod
@@ -129,7 +131,7 @@ class PairTerms(torch.autograd.Function):
         recompute = full is None  # a second backward (retain_graph=True): s is recomputed from the logits
         if recompute:
             full = torch.empty(masks.shape, dtype=masks.dtype, device=masks.device)
-        (b, q), (k, p), dtype = masks.shape[:2], ctx.sizes, den.dtype
+        (b, q), (k, p), dtype = masks.shape[:2], ctx.k_p, den.dtype
         coef_bce = grad_bce.to(dtype) / p  # (B, Q, K)
         row_bce = coef_bce.sum(-1, keepdim=True)
         grad_dice = grad_dice.to(dtype)

@@ -262,3 +262,23 @@ def test_hungarian_every_location_costs_sparse_equal_dense(path_taken, kind):
     assert criterion.last_indices is not None
     for key in first[0]:  # same matching, hence the same losses
         torch.testing.assert_close(first[0][key], second[0][key], rtol=1e-12, atol=1e-12)
+
+
+def test_benchmark_disjoint_inputs_take_the_sparse_path(path_taken):
+    """``benchmarks/loss_speed.py --case disjoint`` times the sparse path (its other cases overlap: dense)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "loss_speed.py"
+    spec = importlib.util.spec_from_file_location("loss_speed_disjoint", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    outputs, targets = module.make_inputs(2, 8, 5, 0, 16, 32, 3, "cpu", case="disjoint")
+    masks = torch.stack([t["masks"] for t in targets])
+    assert masks.any(-1).any(-1).all() and (masks.sum(1) <= 1).all()  # every instance present, none overlap
+    MaskInfluencerCriterion(3, num_points=100)(outputs, targets)["loss"].backward()
+    assert path_taken and set(path_taken) == {"sparse"}
+    path_taken.clear()
+    outputs, targets = module.make_inputs(2, 8, 5, 0, 16, 32, 3, "cpu", case="random")
+    MaskInfluencerCriterion(3, num_points=100)(outputs, targets)
+    assert path_taken and set(path_taken) == {"dense"}
