@@ -26,10 +26,9 @@ from typing import Any, Sequence
 
 import torch
 
-from influencerformer.engine.config import (build_criterion, build_dataset, build_model, is_point_data,
-                                            load_config)
-from influencerformer.engine.evaluate import make_collate, model_inputs
-from influencerformer.engine.points import make_point_collate
+from influencerformer.engine.build import build_criterion, build_dataset, build_model, modality
+from influencerformer.engine.config import load_config
+from influencerformer.engine.evaluate import model_inputs
 from influencerformer.engine.train import build_optimizer, seed_everything
 
 
@@ -113,7 +112,7 @@ def profile(cfg, steps: int, warmup: int, ops: int = 0, warm_data: bool = True, 
     if fused_optim:
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
         optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), fused=True)
-    collate = make_point_collate(dataset, cfg.data.num_points) if is_point_data(cfg.data) else make_collate()
+    collate = modality(cfg.data).make_collate(dataset, cfg.data)
     forward_timer = ForwardTimer(model)
     rng = random.Random(cfg.train.seed)
     samples: dict[str, list[float]] = defaultdict(list)
