@@ -37,13 +37,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with metrics.jsonl)")
     parser.add_argument("--labels", nargs="*", default=None, help="one label per run (default: folder names)")
     parser.add_argument("--plot", type=Path, default=None, help="write AP vs minutes to this PNG")
+    parser.add_argument("--step-ms", nargs="*", type=float, default=None,
+                        help="one step time per run (ms), e.g. measured on an idle thread with profile_step.py; "
+                             "default: each run's own median step time")
     args = parser.parse_args(argv)
     labels = args.labels or [r.name for r in args.runs]
     if len(labels) != len(args.runs):
         raise SystemExit(f"--labels: expected {len(args.runs)} labels, got {len(labels)}")
+    if args.step_ms is not None and len(args.step_ms) != len(args.runs):
+        raise SystemExit(f"--step-ms: expected {len(args.runs)} values, got {len(args.step_ms)}")
     rows = []
-    for run, label in zip(args.runs, labels):
+    for i, (run, label) in enumerate(zip(args.runs, labels)):
         seconds, evals = read_run(run)
+        if args.step_ms is not None:
+            seconds = args.step_ms[i] / 1000.0
         rows.append({"label": label, "median_step_ms": 1000 * seconds,
                      "curve": [(step, step * seconds / 60, ap) for step, ap in evals]})
         print(f"{label}: median step {1000 * seconds:.0f} ms")
@@ -58,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for row in rows:
             ax.plot([m for _, m, _ in row["curve"]], [a for _, _, a in row["curve"]], marker="o", label=row["label"])
-        ax.set_xlabel("training minutes (median step time x steps, one thread)")
+        ax.set_xlabel("training minutes (step time x steps, one thread)")
         ax.set_ylabel("val mask AP (COCO, no NMS)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
