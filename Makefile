@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 setup:
 	bash scripts/setup.sh
 
-# The main job: the head-to-head comparison on the embedded shapes2d set (report in runs/compare).
+# The main job: the head-to-head comparison on the benchmark that decides (shapes2d "dense"; report in
+# runs/compare). --resume: a second `make demo` reuses finished runs and continues a killed one, deleting nothing.
 demo: setup
-	$(PY) -m influencerformer compare --out runs/compare
+	$(PY) -m influencerformer compare --config configs/shapes2d_dense.yaml --criteria hungarian influencer --out runs/compare --resume
 
 # The whole test suite (slow tests included; they fit in the CI budget).
 test: setup
