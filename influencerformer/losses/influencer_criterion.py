@@ -113,7 +113,8 @@ class MaskInfluencerCriterion(SetCriterion):
         epsilon_end: if set, epsilon moves geometrically from ``epsilon`` to ``epsilon_end`` over training
             (``set_progress``, called by the training loop): blurry early, near-Hungarian late.
         aux_multiplicity: transport: mass of each instance column on auxiliary layers (one-to-many, ``m > 1``;
-            capped at ``Q / K``); the final layer stays one-to-one, so inference needs no NMS.
+            capped at ``Q / K``); the final layer stays one-to-one, so inference needs no NMS.  Default 4: the
+            lever that won on the dense benchmark (docs/results.md §8); 1 = one-to-one on every layer.
         quality_targets: the class target of a query is its weight times the dice of its mask with the instance
             (the rest goes to "no object"): duplicates and poor masks learn low scores.
         detach_plan: stop gradients through the plan (default); False backpropagates through the iterations.
@@ -130,7 +131,7 @@ class MaskInfluencerCriterion(SetCriterion):
         bg_weight: float = 0.1, rep_margin: float = 1.0, temperature: float = 1.0, claim_class_weight: float = 0.5,
         claim_threshold: float = 0.5, no_object_weight: float = 0.1, num_points: int | None = 12544,
         epsilon: float = 0.1, sinkhorn_iters: int = 30, epsilon_end: float | None = None,
-        aux_multiplicity: float = 1.0, quality_targets: bool = False, class_weight: float = 2.0,
+        aux_multiplicity: float = 4.0, quality_targets: bool = False, class_weight: float = 2.0,
         mask_weight: float = 5.0, dice_weight: float = 5.0, detach_plan: bool = True, topk: int | None = None,
         oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75, cls_weight: float | None = None,
     ) -> None:

@@ -44,11 +44,14 @@ def test_transport_weights_column_masses_with_multiplicity():
     assert torch.allclose(cols[1, 0], torch.tensor([2.5, 2.5, 1.0]), atol=1e-3)
 
 
-def test_aux_multiplicity_one_equals_the_default():
+def test_aux_multiplicity_changes_only_aux_layers_and_defaults_to_4():
     outputs, targets = make_outputs(2, (8, 8), num_aux=2), make_targets([2, 3], (8, 8))
-    a = MaskInfluencerCriterion(C, num_points=None)(outputs, targets)
-    b = MaskInfluencerCriterion(C, num_points=None, aux_multiplicity=1.0)(outputs, targets)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    default = MaskInfluencerCriterion(C, num_points=None)
+    assert default.aux_multiplicity == 4.0
+    a = default(outputs, targets)
+    one = MaskInfluencerCriterion(C, num_points=None, aux_multiplicity=1.0)(outputs, targets)
+    assert all(torch.equal(a[k], one[k]) for k in ("loss_ce", "loss_mask", "loss_dice"))  # final layer: one-to-one
+    assert not torch.equal(a["loss_ce_0"], one["loss_ce_0"])
 
 
 def test_class_targets_with_quality_put_the_shortfall_on_no_object():
