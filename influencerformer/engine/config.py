@@ -76,13 +76,10 @@ def criterion_kwargs(name: str) -> list[str] | None:
 
     if name not in CRITERIA:
         raise ConfigError(f"unknown criterion {name!r}; registered criteria: {', '.join(sorted(CRITERIA))}")
-    try:
-        cls = _criterion_class(name)
-    except ImportError:
+    params = _criterion_parameters(name)
+    if params is None:
         return None
-    if cls is None:
-        return None
-    params = inspect.signature(cls.__init__).parameters.values()
+    params = params.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return [p.name for p in params if p.name not in ("self", "num_classes")]
@@ -294,14 +291,17 @@ def _check_criterion_kwarg(name: str, key: str, value: Any) -> None:
         raise ConfigError(f"criterion.{key} must be ≥ 0, got {value}")
 
 
-def _criterion_default(name: str, key: str) -> Any:
+def _criterion_parameters(name: str) -> Any:
+    """``inspect`` parameters of the criterion class behind ``name``; None when the class is not known here."""
     try:
         cls = _criterion_class(name)
     except ImportError:
         return None
-    if cls is None:
-        return None
-    param = inspect.signature(cls.__init__).parameters.get(key)
+    return None if cls is None else inspect.signature(cls.__init__).parameters
+
+
+def _criterion_default(name: str, key: str) -> Any:
+    param = (_criterion_parameters(name) or {}).get(key)
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
