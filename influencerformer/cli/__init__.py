@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from influencerformer.data.download import DataSetupError
+from influencerformer.data.folders import unwritable_reason
 from influencerformer.engine.config import ConfigError
 
 from .parsers import build_parser
@@ -66,25 +67,17 @@ def check_output_file(path: str | Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"output {path} is a folder; give a file name, e.g. {path / 'metrics.json'}")
-    for folder in path.parents:
-        if folder.exists():
-            if not folder.is_dir():
-                raise ConfigError(f"output {path}: {folder} is a file, not a folder")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise ConfigError(f"output {path}: {folder} is not writable")
-            return
+    reason = unwritable_reason(path.parents)
+    if reason:
+        raise ConfigError(f"output {path}: {reason}")
 
 
 def check_output_folder(path: str | Path) -> None:
     """ConfigError (one line) unless ``path`` is or can become a writable folder."""
     path = Path(path)
-    for folder in (path, *path.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise ConfigError(f"output folder {path}: {folder} is a file, not a folder")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise ConfigError(f"output folder {path}: {folder} is not writable")
-            return
+    reason = unwritable_reason((path, *path.parents))
+    if reason:
+        raise ConfigError(f"output folder {path}: {reason}")
 
 
 def _resumed_config(args: argparse.Namespace) -> tuple[Path | None, dict | None]:

@@ -39,6 +39,8 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from .folders import unwritable_reason
+
 COCO_BASE_URL = "http://images.cocodataset.org"
 MIRROR_ENV = "INFLUENCERFORMER_COCO_MIRROR"
 MARKER_DIR = ".influencerformer"
@@ -378,13 +380,9 @@ def _install(archive: Archive, root: Path, base: str, *, keep_archive: bool, ver
 
 def _check_folder(root: Path) -> None:
     """ValueError (one line) unless ``root`` is or can become a writable folder: checked before any transfer."""
-    for folder in (root, *root.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise ValueError(f"--root {root}: {folder} is a file, not a folder")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise ValueError(f"--root {root}: {folder} is not writable")
-            return
+    reason = unwritable_reason((root, *root.parents))
+    if reason:
+        raise ValueError(f"--root {root}: {reason}")
 
 
 def download_coco(root: str | os.PathLike, *, splits: Sequence[str] = ("val2017",), annotations_only: bool = False,
