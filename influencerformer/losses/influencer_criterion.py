@@ -281,8 +281,8 @@ class MaskInfluencerCriterion(SetCriterion):
             bce, dice = _topk_pair_losses(mask_weights, points, point_targets.masks, self.topk, num_masks)
             terms = {"loss_mask": bce, "loss_dice": dice}
         quality = (1 - pairs["one_minus_dice"]).detach().clamp(0, 1) if self.quality_targets else None
-        targets = class_targets(weights.detach() if self.detach_plan else weights, point_targets.labels,
-                                self.num_classes, quality)
+        # as before the restructure: ownership weights keep their gradient here; a detached plan has none
+        targets = class_targets(weights, point_targets.labels, self.num_classes, quality)
         return {"loss_ce": loss_ce(pred_logits, targets, self.empty_weight), **terms}
 
     # ------------------------------------------------------------------ seed

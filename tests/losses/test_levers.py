@@ -124,3 +124,15 @@ def test_hungarian_quality_targets_equal_soft_ce_with_the_matched_dice():
     assert torch.allclose(got, loss_ce(outputs["pred_logits"], soft[None], crit.empty_weight), atol=1e-6)
     with pytest.raises(ValueError, match="aux_multiplicity"):
         HungarianCriterion(C, aux_multiplicity=0)
+
+
+def test_ownership_class_targets_keep_their_gradient_to_the_masks():
+    """Ownership weights are a softmax of the masks' coverage: its soft class targets pass gradient to the masks
+    (as before the weight-producer restructure); the transport plan is detached, so its loss_ce does not."""
+    outputs, targets = make_outputs(1, (8, 8)), make_targets([2], (8, 8))
+    ce = MaskInfluencerCriterion(C, form="ownership", num_points=None)(outputs, targets)["loss_ce"]
+    (grad,) = torch.autograd.grad(ce, outputs["pred_masks"], allow_unused=True)
+    assert grad is not None and grad.abs().sum() > 0
+    ce = MaskInfluencerCriterion(C, num_points=None)(outputs, targets)["loss_ce"]
+    (grad,) = torch.autograd.grad(ce, outputs["pred_masks"], allow_unused=True)
+    assert grad is None or grad.abs().sum() == 0
