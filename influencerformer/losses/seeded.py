@@ -99,7 +99,8 @@ class SeededCriterion(SetCriterion):
             self._seeds = None
 
     def layer_context(self, layers: list[Layer], targets: Sequence[dict[str, Tensor]]) -> list[dict[str, Any]]:
-        """Targets read once; per layer the pair terms (with gradient) and its one-hot weights ``(B, Q, K)``."""
+        """Targets read once; per layer its one-hot weights ``(B, Q, K)`` and the pair terms (with gradient) ``bce``
+        and ``one_minus_dice`` (``1 - dice``, a cost), each ``(B, Q, K)``."""
         masks = layers[0][1]
         device, dtype = masks.device, torch.float64 if masks.dtype == torch.float64 else torch.float32
         self._sizes = [len(t["labels"]) for t in targets]
@@ -109,22 +110,25 @@ class SeededCriterion(SetCriterion):
         owner = seed_owner(masks1[:, :-1], valid, self._seeds.to(device))
         contexts = []
         for i, (logits, layer_masks) in enumerate(layers):
-            bce, dice = pair_terms(layer_masks if layer_masks.dtype == dtype else layer_masks.to(dtype), None, masks1)
+            layer_masks = layer_masks if layer_masks.dtype == dtype else layer_masks.to(dtype)
+            bce, one_minus_dice = pair_terms(layer_masks, None, masks1)
             with torch.no_grad(), self.assign_timer(device):
                 prob = logits.detach().to(dtype).softmax(-1).gather(-1, labels[:, None, :].expand(-1, logits.shape[1], -1))
                 wc, wm, wd = self.cost_weights
-                weights = top_seeded(owner, wc * (1 - prob) + wm * bce + wd * dice, self.per_instance).to(dtype)
+                cost = wc * (1 - prob) + wm * bce + wd * one_minus_dice
+                weights = top_seeded(owner, cost, self.per_instance).to(dtype)
             if i == 0:
                 self.last_weights = weights
-            contexts.append({"labels": labels, "weights": weights, "bce": bce, "dice": dice})
+            contexts.append({"labels": labels, "weights": weights, "bce": bce, "one_minus_dice": one_minus_dice})
         return contexts
 
     def layer_losses(self, pred_logits: Tensor, pred_masks: Tensor, targets: Sequence[dict[str, Tensor]],
                      num_masks: Tensor, *, labels: Tensor, weights: Tensor, bce: Tensor,
-                     dice: Tensor) -> dict[str, Tensor]:
+                     one_minus_dice: Tensor) -> dict[str, Tensor]:
         """The three weighted terms of one layer from its one-hot weights."""
         return {"loss_ce": loss_ce(pred_logits, class_targets(weights, labels, self.num_classes), self.empty_weight),
-                "loss_mask": loss_mask(weights, bce, num_masks), "loss_dice": loss_dice(weights, dice, num_masks)}
+                "loss_mask": loss_mask(weights, bce, num_masks),
+                "loss_dice": loss_dice(weights, one_minus_dice, num_masks)}
 
     @property
     def last_assignment(self) -> list[Tensor] | None:

@@ -76,6 +76,17 @@ def test_losses_equal_cross_entropy_bce_and_dice_on_the_picked_pairs():
     torch.testing.assert_close(losses["loss_dice"], dice)
 
 
+def test_the_layer_context_holds_one_minus_dice_a_cost():
+    """The pair term handed to ``loss_dice`` is ``1 - dice`` (named ``one_minus_dice``, as in ``pair_kernel``)."""
+    out, crit = outputs(), SeededCriterion(2)
+    crit._seeds = SEEDS  # what forward holds during a call
+    context = crit.layer_context([(out["pred_logits"], out["pred_masks"])], [TARGET])[0]
+    assert "dice" not in context
+    s, t = out["pred_masks"][0].sigmoid(), MASKS.float()  # (Q, P), (K, P)
+    dice = (2 * s @ t.T + 1) / (s.sum(-1, keepdim=True) + t.sum(-1) + 1)
+    torch.testing.assert_close(context["one_minus_dice"][0], 1 - dice)
+    assert ((context["one_minus_dice"] >= 0) & (context["one_minus_dice"] <= 1)).all()  # a cost: 0 = perfect
+
 def test_no_instances_and_seeds_on_background_give_no_object():
     empty = {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, P, dtype=torch.bool)}
     out = outputs(torch.tensor([[0, 3, 7], [1, 2, 4]]), grad=True)
