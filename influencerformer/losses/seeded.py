@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from .criterion import Layer, SetCriterion
 from .pair_kernel import pair_terms
 from .sampling import pad_point_masks
+from .set_criterion import SetCriterion
+from .validation import Layer
 from .weighted_terms import class_targets, loss_ce, loss_dice, loss_mask
 
 __all__ = ["SeededCriterion", "seed_owner", "top_seeded"]
