@@ -14,6 +14,10 @@ One archive goes through four steps, each safe to interrupt:
 
 A run finding every marker (and the entries it lists) transfers nothing.
 
+Steps 1-3 are :func:`transfer.fetch` (any file over HTTP), the extraction of step 4 is
+:func:`extraction.extract` (any zip); this module holds what is COCO's: the archive table, the done-markers
+and :func:`download_coco`, which runs the steps for each archive.
+
 Checksums: COCO publishes no checksums on cocodataset.org. The sizes are those images.cocodataset.org
 serves; the md5s are the values independently computed and cited by several projects (MLPerf's COCO
 download script, dataset classes of torchvision-style libraries), consistent with each other. Pass
@@ -22,42 +26,29 @@ download script, dataset classes of torchvision-style libraries), consistent wit
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import json
 import math
 import os
 import re
 import shutil
-import time
-import urllib.error
-import urllib.request
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Sequence
 
-from tqdm import tqdm
-
+from .extraction import extract
 from .folders import unwritable_reason
+from .setup_errors import DataSetupError, DownloadError, VerificationError
+from .transfer import fetch, md5_of, part_path, verify_file
+
+__all__ = [  # with the setup errors and the transfer / extraction functions, imported from here by their callers
+    "COCO_ARCHIVES", "COCO_BASE_URL", "COCO_SPLITS", "MARKER_DIR", "MIRROR_ENV", "Archive", "DataSetupError",
+    "DownloadError", "VerificationError", "coco_base_url", "download_coco", "extract", "fetch", "human_size",
+    "is_extracted", "md5_of", "verify_file", "write_json_atomic",
+]
 
 COCO_BASE_URL = "http://images.cocodataset.org"
 MIRROR_ENV = "INFLUENCERFORMER_COCO_MIRROR"
 MARKER_DIR = ".influencerformer"
-_CHUNK = 1 << 20
-_USER_AGENT = "influencerformer-download/1"
-
-
-class DataSetupError(RuntimeError):
-    """A download or preparation step failed; the message names the file and what was expected."""
-
-
-class DownloadError(DataSetupError):
-    """The transfer failed (server unreachable, HTTP error, connection dropped too often)."""
-
-
-class VerificationError(DataSetupError):
-    """A file's size, checksum or contents are not what was expected."""
 
 
 @dataclass(frozen=True)
@@ -88,17 +79,6 @@ COCO_ARCHIVES: dict[str, Archive] = {
 COCO_SPLITS = ("train2017", "val2017")
 
 
-class _Retryable(Exception):
-    """A transient transfer failure: worth another (resumed) attempt."""
-
-
-# ------------------------------------------------------------------------------------------ transfer
-
-
-def _part_path(dest: Path) -> Path:
-    return dest.with_name(dest.name + ".part")
-
-
 def human_size(num_bytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if num_bytes < 1024 or unit == "GiB":
@@ -107,192 +87,7 @@ def human_size(num_bytes: float) -> str:
     return ""  # unreachable
 
 
-def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse | None:
-    """The response to GET url from byte offset; None when the server says the range is past the
-    end (416: the .part already holds the whole file, or more — verification decides)."""
-    headers = {"User-Agent": _USER_AGENT}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as err:
-        if err.code == 416 and offset:
-            return None
-        if err.code >= 500 or err.code in (408, 429):  # the server may recover: retry
-            raise _Retryable(f"HTTP {err.code} {err.reason}") from None
-        raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
-    except urllib.error.URLError as err:
-        raise _Retryable(f"cannot reach the server ({err.reason})") from None
-    except (OSError, http.client.HTTPException) as err:  # timeouts, resets during the handshake
-        raise _Retryable(f"cannot reach the server ({err})") from None
-
-
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
-
-
-def _start_and_total(response: http.client.HTTPResponse, offset: int, url: str) -> tuple[int, int | None]:
-    """Where the body starts in the file and the file's total size (None if not told).
-    206 continues at offset; 200 means the server ignored Range and sends the whole file."""
-    if response.status == 206:
-        match = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", "").strip())
-        if not match or int(match.group(1)) != offset:
-            raise DownloadError(f"{url}: asked for bytes from {offset}, server sent Content-Range "
-                                f"{response.headers.get('Content-Range')!r}")
-        return offset, None if match.group(3) == "*" else int(match.group(3))
-    length = response.headers.get("Content-Length")
-    return 0, int(length) if length and length.isdigit() else None
-
-
-def _transfer(url: str, part: Path, size: int | None, timeout: float, progress: bool) -> int:
-    """One attempt: append to part from its current length. Returns the bytes received; raises
-    _Retryable when the connection fails or closes before the end of the file."""
-    offset = part.stat().st_size if part.exists() else 0
-    if size is not None and offset > size:  # longer than the real file: not a prefix of it
-        part.unlink()
-        offset = 0
-    if size is not None and offset == size:  # complete already (a run killed before renaming)
-        return 0
-    response = _open(url, offset, timeout)
-    if response is None:
-        return 0
-    with response:
-        start, total = _start_and_total(response, offset, url)
-        if size is not None and total is not None and total != size:  # another file: do not write it
-            raise VerificationError(f"{url}: expected {part.name[:-5]} of {size} bytes, the server "
-                                    f"has {total} bytes (a mirror serving a different file?)")
-        received = 0
-        with open(part, "ab" if start else "wb") as out, tqdm(
-                total=total or size, initial=start, desc=part.name[:-5], unit="B", unit_scale=True,
-                unit_divisor=1024, disable=not progress, mininterval=0.5, leave=False) as bar:
-            try:
-                while chunk := response.read(_CHUNK):
-                    out.write(chunk)
-                    received += len(chunk)
-                    bar.update(len(chunk))
-            except (OSError, http.client.HTTPException) as err:  # reset, timeout, IncompleteRead
-                raise _Retryable(f"connection failed after {start + received} bytes ({err})") from None
-    # http.client returns b"" (no error) when the peer closes early: compare with the announced size
-    if total is not None and start + received < total:
-        raise _Retryable(f"connection closed after {start + received} of {total} bytes")
-    return received
-
-
-def md5_of(path: Path, progress: bool = False) -> str:
-    """Hex md5 of a file, read in 1 MiB chunks."""
-    digest = hashlib.md5()
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, desc=f"md5 {path.name}", unit="B", unit_scale=True,
-                                     unit_divisor=1024, disable=not progress, mininterval=0.5, leave=False) as bar:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
-
-
-def verify_file(path: Path, size: int | None, md5: str | None, *, name: str | None = None,
-                progress: bool = False) -> None:
-    """Raise VerificationError naming the file and expected vs got when size or md5 differ."""
-    name = name or path.name
-    actual = path.stat().st_size
-    if size is not None and actual != size:
-        raise VerificationError(f"{name}: expected {size} bytes, got {actual} ({path})")
-    if md5 is not None:
-        got = md5_of(path, progress)
-        if got != md5.lower():
-            raise VerificationError(f"{name}: expected md5 {md5}, got {got} ({path})")
-
-
-def fetch(url: str, dest: str | os.PathLike, *, size: int | None = None, md5: str | None = None,
-          timeout: float = 60.0, retries: int = 3, backoff: float = 1.0, progress: bool = True) -> int:
-    """Download url to dest through dest.part: resumed across attempts and runs, verified (size,
-    md5), renamed when complete. An existing dest is verified, not downloaded. Returns the bytes
-    transferred. Raises DownloadError (server unreachable, HTTP error, too many dropped
-    connections; the .part is kept for the next run) or VerificationError (the .part is deleted)."""
-    dest = Path(dest)
-    if dest.exists():  # renamed only after verification, or brought by the user: check either way
-        try:
-            verify_file(dest, size, md5, progress=progress)
-        except VerificationError as err:
-            raise VerificationError(f"{err}; delete it to download it again") from None
-        return 0
-    part = _part_path(dest)
-    transferred = 0
-    for attempt in range(retries + 1):
-        try:
-            transferred += _transfer(url, part, size, timeout, progress)
-            break
-        except _Retryable as err:
-            kept = part.stat().st_size if part.exists() else 0
-            if attempt == retries:
-                resume = f"; {part} keeps the {kept} bytes received, run again to resume" if kept else ""
-                raise DownloadError(f"{url}: {err} (after {retries + 1} attempt(s)){resume}") from None
-            time.sleep(backoff * 2 ** attempt)
-    if not part.exists():
-        raise DownloadError(f"{url}: the server sent no data for {dest.name}")
-    try:
-        verify_file(part, size, md5, name=dest.name, progress=progress)
-    except VerificationError as err:
-        part.unlink()
-        raise VerificationError(f"{err}; the partial file was deleted, run again to download it afresh") from None
-    os.replace(part, dest)
-    return transferred
-
-
-# ---------------------------------------------------------------------------------------- extraction
-
-
-def _members(zf: zipfile.ZipFile, archive: Path) -> list[zipfile.ZipInfo]:
-    """The archive's members minus macOS metadata; refuses paths that would leave the target."""
-    members = []
-    for info in zf.infolist():
-        path = PurePosixPath(info.filename)
-        if path.parts[:1] == ("__MACOSX",) or path.name == ".DS_Store":
-            continue
-        if path.is_absolute() or ".." in path.parts:
-            raise VerificationError(f"{archive}: member {info.filename!r} would be written outside the target folder")
-        members.append(info)
-    return members
-
-
-def _move_into(src: Path, dst: Path) -> None:
-    """Move src to dst; where dst is an existing folder (another archive's, or a killed run's
-    partial move) merge into it, files from src replacing files of the same name."""
-    if dst.is_dir() and src.is_dir():
-        for child in src.iterdir():
-            _move_into(child, dst / child.name)
-        src.rmdir()
-    else:
-        if dst.is_dir():
-            shutil.rmtree(dst)
-        os.replace(src, dst)
-
-
-def extract(archive: Path, root: Path, required: Sequence[str] = (), *, progress: bool = True) -> list[str]:
-    """Extract archive into root through root/.NAME.extracting/ and return its top-level entries.
-    The required paths are checked in the scratch folder, so a bad archive never reaches root."""
-    scratch = root / f".{archive.name}.extracting"
-    shutil.rmtree(scratch, ignore_errors=True)  # what a killed run left
-    try:
-        try:
-            with zipfile.ZipFile(archive) as zf:
-                members = _members(zf, archive)
-                with tqdm(total=sum(m.file_size for m in members), desc=f"extract {archive.name}", unit="B",
-                          unit_scale=True, unit_divisor=1024, disable=not progress, mininterval=0.5,
-                          leave=False) as bar:
-                    for member in members:
-                        zf.extract(member, scratch)
-                        bar.update(member.file_size)
-        except (zipfile.BadZipFile, EOFError) as err:  # also raised on a CRC mismatch inside a member
-            raise VerificationError(f"{archive}: not a readable zip archive ({err}); delete it and run again") from None
-        missing = [r for r in required if not (scratch / r).exists()]
-        if missing:
-            raise VerificationError(f"{archive}: expected the archive to contain {', '.join(missing)}; it has "
-                                    f"{sorted({PurePosixPath(m.filename).parts[0] for m in members})}")
-        entries = sorted({PurePosixPath(m.filename).parts[0] for m in members})
-        for entry in entries:
-            _move_into(scratch / entry, root / entry)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return entries
+# ------------------------------------------------------------------------------------------ markers
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -346,7 +141,7 @@ def _check_free_space(root: Path, archives: Sequence[Archive]) -> None:
             continue
         present = root / a.name
         have = present.stat().st_size if present.exists() else 0
-        part = _part_path(present)
+        part = part_path(present)
         have = have or (part.stat().st_size if part.exists() else 0)
         needed += (a.size - min(have, a.size)) + a.size
     free = shutil.disk_usage(root).free
