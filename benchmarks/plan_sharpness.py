@@ -1,0 +1,107 @@
+"""How sharp is the transport plan on real model outputs? Cost gaps and plan concentration per instance, by epsilon.
+
+    OMP_NUM_THREADS=1 python benchmarks/plan_sharpness.py --checkpoint runs/rooms3d_bench          # a trained model
+    OMP_NUM_THREADS=1 python benchmarks/plan_sharpness.py --config configs/rooms3d_bench.yaml      # the model at init
+    ... --epsilons 0.1 0.02 --batches 4
+
+For each instance ``k`` of ``--batches`` training batches, on the final decoder layer, with the matching cost of the
+``influencer`` criterion (``2·(1 - p(c_k)) + 5·BCE + 5·(1 - dice)``, every location):
+- ``gap``: cost of the second-best query minus the best one (a plan is sharp only where ``gap`` is several ε);
+- ``top share``: the share of the instance's unit of mass that its heaviest query gets in the ε plan (1 = hard);
+- ``agrees``: the heaviest query is the one the Hungarian assignment gives it.
+Medians over instances (and the fraction of instances whose gap is below ε). The transport plan is exactly the
+criterion's (``transport_weights``, one-to-one on the final layer, Sinkhorn iterations as configured).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from influencerformer.engine.build import build_dataset, build_model, load_trained, modality
+from influencerformer.engine.config import load_config
+from influencerformer.engine.train import seed_everything, to_device
+from influencerformer.losses.pair_kernel import pair_terms
+from influencerformer.losses.weights import instance_mass, transport_weights
+
+
+def final_layer_costs(model: torch.nn.Module, batch: dict, weights=(2.0, 5.0, 5.0)) -> list[torch.Tensor]:
+    """Per scene, the matching cost ``(Q, K)`` of the final layer's predictions against the scene's instances."""
+    inputs, targets = to_device(batch, torch.device("cpu"))
+    with torch.no_grad():
+        out = model(*inputs)
+    costs = []
+    for b, t in enumerate(targets):
+        masks = out["pred_masks"][b].flatten(1).float()  # (Q, P)
+        tgt = t["masks"].flatten(1).float()
+        if tgt.shape[-1] != masks.shape[-1]:  # image targets at another resolution: to the prediction grid
+            size = out["pred_masks"].shape[-2:]
+            tgt = torch.nn.functional.interpolate(t["masks"][None].float(), size=size, mode="bilinear")[0].flatten(1)
+        bce, one_minus_dice = pair_terms(masks[None], None, torch.cat([tgt, torch.ones_like(tgt[:1])])[None])
+        prob = out["pred_logits"][b].float().softmax(-1)[:, t["labels"]]
+        wc, wm, wd = weights
+        costs.append(wc * (1 - prob) + wm * bce[0, :, : len(tgt)] + wd * one_minus_dice[0, :, : len(tgt)])
+    return costs
+
+
+def sharpness(costs: list[torch.Tensor], epsilon: float, iters: int) -> dict[str, float]:
+    """Median cost gap, median top share, fraction of gaps below epsilon and agreement with Hungarian."""
+    gaps, shares, agree = [], [], []
+    for cost in costs:
+        q, k = cost.shape
+        if k == 0 or q < 2:
+            continue
+        plan = transport_weights(cost[None, None].double(), torch.ones(1, k, dtype=torch.bool),
+                                 instance_mass(torch.tensor([k]), q)[None].double(), epsilon, iters)[0, 0, :, :k]
+        share = plan.max(0).values / plan.sum(0).clamp_min(1e-12)
+        two = cost.topk(2, dim=0, largest=False).values
+        rows, cols = linear_sum_assignment(cost.numpy())
+        hungarian = torch.full((k,), -1)
+        hungarian[torch.as_tensor(cols)] = torch.as_tensor(rows)
+        gaps += (two[1] - two[0]).tolist()
+        shares += share.tolist()
+        agree += (plan.argmax(0) == hungarian).tolist()
+    return {"instances": len(gaps), "gap": statistics.median(gaps), "gap<eps": sum(g < epsilon for g in gaps) / len(gaps),
+            "top share": statistics.median(shares), "agrees": sum(agree) / len(agree)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run directory or checkpoint file of a trained model")
+    src.add_argument("--config", help="YAML config: the model at its initialisation (train.seed)")
+    p.add_argument("--epsilons", type=float, nargs="+", default=[0.1, 0.05, 0.02])
+    p.add_argument("--iters", type=int, default=30, help="Sinkhorn iterations (the criterion's default: 30)")
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    if args.checkpoint:
+        model, cfg, _, step = load_trained(args.checkpoint)
+        where = f"{args.checkpoint} (step {step})"
+    else:
+        cfg = load_config(args.config)
+        seed_everything(cfg.train.seed)
+        dataset, info = build_dataset(cfg.data, "train")
+        model, where = build_model(cfg, info.num_classes).eval(), f"{args.config} at init"
+    dataset, _ = build_dataset(cfg.data, "train")
+    collate = modality(cfg.data).make_collate(dataset, cfg.data)
+    rng = random.Random(args.seed)
+    torch.manual_seed(args.seed)
+    costs = []
+    for _ in range(args.batches):
+        batch = collate([dataset[rng.randrange(len(dataset))] for _ in range(cfg.data.batch_size)])
+        costs += final_layer_costs(model, batch)
+    print(f"{where}: {len(costs)} scenes, {cfg.data.name}")
+    print(f"{'epsilon':>8} {'instances':>9} {'median gap':>10} {'gap < eps':>9} {'top share':>9} {'agrees':>7}")
+    for eps in args.epsilons:
+        s = sharpness(costs, eps, args.iters)
+        print(f"{eps:8.3f} {s['instances']:9d} {s['gap']:10.3f} {s['gap<eps']:9.2f} {s['top share']:9.2f} "
+              f"{s['agrees']:7.2f}")
+
+
+if __name__ == "__main__":
+    main()
