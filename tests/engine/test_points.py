@@ -333,3 +333,14 @@ def test_seeded_config_is_the_cpu_budget_with_sampled_queries_and_checked_kwargs
         cfg = load_config(None, ["data.name=rooms3d", "criterion.name=seeded", "criterion.per_instance=0",
                                  "model.query_init=sampled"])
         build_criterion(cfg, 13)
+
+
+def test_bench_config_is_the_cpu_budget_trained_longer():
+    from pathlib import Path
+
+    configs = Path(__file__).parents[2] / "configs"
+    bench = load_config(configs / "rooms3d_bench.yaml").to_dict()
+    cpu = load_config(configs / "rooms3d_cpu.yaml").to_dict()
+    assert bench["data"] == cpu["data"] and bench["model"] == cpu["model"] and bench["criterion"] == cpu["criterion"]
+    assert (bench["optim"]["lr"], bench["train"]["steps"], bench["train"]["eval_every"]) == (2e-3, 1500, 250)
+    assert {k: v for k, v in bench["optim"].items() if k != "lr"} == {k: v for k, v in cpu["optim"].items() if k != "lr"}
