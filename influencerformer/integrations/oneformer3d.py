@@ -24,7 +24,9 @@ decoder layers in that one call. The scene total is re-weighted in two groups on
 Keys, and the forms they act on (``form`` defaults to the library's default, ``"transport"``)::
 
     every form   num_classes, loss_weight=[cls, influencer], non_object_weight, form, score_weight
-    transport    epsilon, sinkhorn_iters, class_weight, mask_weight, dice_weight, detach_plan, topk
+    transport    epsilon, sinkhorn_iters, sinkhorn_epsilon_start, aux_multiplicity, quality_targets,
+                 class_weight, mask_weight, dice_weight, detach_plan, topk
+                 (not ``epsilon_end``: mmengine's loop does not call ``set_progress``)
     ownership    temperature, class_weight, mask_weight, dice_weight
     seed         attr_weight, rep_weight, bg_weight, rep_margin, temperature, claim_threshold
 
@@ -63,7 +65,8 @@ __all__ = ["FORM_KEYS", "MODELS", "REGISTRY_ERROR", "REGISTRY_KIND", "Influencer
 
 COMMON_KEYS = ("num_classes", "loss_weight", "non_object_weight", "form", "score_weight")
 FORM_KEYS = {
-    "transport": ("epsilon", "sinkhorn_iters", "class_weight", "mask_weight", "dice_weight", "detach_plan", "topk"),
+    "transport": ("epsilon", "sinkhorn_iters", "sinkhorn_epsilon_start", "aux_multiplicity", "quality_targets",
+                  "class_weight", "mask_weight", "dice_weight", "detach_plan", "topk"),
     "ownership": ("temperature", "class_weight", "mask_weight", "dice_weight"),
     "seed": ("attr_weight", "rep_weight", "bg_weight", "rep_margin", "temperature", "claim_threshold"),
 }

@@ -112,6 +112,9 @@ class MaskInfluencerCriterion(SetCriterion):
         epsilon, sinkhorn_iters: entropic regularisation (cost units) and Sinkhorn iterations.
         epsilon_end: if set, epsilon moves geometrically from ``epsilon`` to ``epsilon_end`` over training
             (``set_progress``, called by the training loop): blurry early, near-Hungarian late.
+        sinkhorn_epsilon_start: if set (> epsilon), each Sinkhorn call warm-starts by epsilon scaling from this
+            value (``transport.sinkhorn``): with 30 plain iterations the column marginals of a trained model's
+            plan are far off (docs/results.md §9); 1.0 with ``sinkhorn_iters=50`` meets them.  None = off.
         aux_multiplicity: transport: mass of each instance column on auxiliary layers (one-to-many, ``m > 1``;
             capped at ``Q / K``); the final layer stays one-to-one, so inference needs no NMS.  Default 4: the
             lever that won on the dense benchmark (docs/results.md §8); 1 = one-to-one on every layer.
@@ -131,6 +134,7 @@ class MaskInfluencerCriterion(SetCriterion):
         bg_weight: float = 0.1, rep_margin: float = 1.0, temperature: float = 1.0, claim_class_weight: float = 0.5,
         claim_threshold: float = 0.5, no_object_weight: float = 0.1, num_points: int | None = 12544,
         epsilon: float = 0.1, sinkhorn_iters: int = 30, epsilon_end: float | None = None,
+        sinkhorn_epsilon_start: float | None = None,
         aux_multiplicity: float = 4.0, quality_targets: bool = False, class_weight: float = 2.0,
         mask_weight: float = 5.0, dice_weight: float = 5.0, detach_plan: bool = True, topk: int | None = None,
         oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75, cls_weight: float | None = None,
@@ -141,7 +145,8 @@ class MaskInfluencerCriterion(SetCriterion):
         if form not in FORMS:
             raise ValueError(f"form: expected one of {', '.join(FORMS)}, got {form!r}")
         _check_options(temperature=temperature, epsilon=epsilon, sinkhorn_iters=sinkhorn_iters, topk=topk,
-                       rep_margin=rep_margin, epsilon_end=epsilon_end, aux_multiplicity=aux_multiplicity)
+                       rep_margin=rep_margin, epsilon_end=epsilon_end, aux_multiplicity=aux_multiplicity,
+                       sinkhorn_epsilon_start=sinkhorn_epsilon_start)
         if form == "seed":
             weights = {"loss_attr": attr_weight, "loss_rep": rep_weight, "loss_bg": bg_weight, "loss_cls": claim_class_weight}
         else:
@@ -152,6 +157,7 @@ class MaskInfluencerCriterion(SetCriterion):
         self.claim_threshold = claim_threshold
         self.cost_weights = (class_weight, mask_weight, dice_weight)
         self.epsilon, self.epsilon_end, self.sinkhorn_iters = epsilon, epsilon_end, sinkhorn_iters
+        self.sinkhorn_epsilon_start = sinkhorn_epsilon_start
         self.aux_multiplicity, self.quality_targets = float(aux_multiplicity), bool(quality_targets)
         self.detach_plan, self.topk = detach_plan, topk
         self.progress = 0.0
@@ -249,7 +255,8 @@ class MaskInfluencerCriterion(SetCriterion):
         aux = instance_mass(tgt.counts, queries, self.aux_multiplicity)
         mass = torch.stack([one] + [aux] * (len(pairs) - 1)).to(cost.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_plan):
-            plan = transport_weights(cost, tgt.valid, mass, self.current_epsilon(), self.sinkhorn_iters)
+            plan = transport_weights(cost, tgt.valid, mass, self.current_epsilon(), self.sinkhorn_iters,
+                                     self.sinkhorn_epsilon_start)
         return plan, mass
 
     def _ownership_context(self, pred_masks: Tensor, *, index: Tensor | None, point_targets: PointTargets,
@@ -338,9 +345,12 @@ def _compute_dtype(pred_masks: Tensor) -> torch.dtype:
 
 
 def _check_options(*, temperature: float, epsilon: float, sinkhorn_iters: int, topk: int | None,
-                   rep_margin: float, epsilon_end: float | None, aux_multiplicity: float) -> None:
+                   rep_margin: float, epsilon_end: float | None, aux_multiplicity: float,
+                   sinkhorn_epsilon_start: float | None) -> None:
     if epsilon_end is not None and not epsilon_end > 0:
         raise ValueError(f"epsilon_end must be None or > 0, got {epsilon_end}")
+    if sinkhorn_epsilon_start is not None and not (0 < sinkhorn_epsilon_start < float("inf")):
+        raise ValueError(f"sinkhorn_epsilon_start must be None or a finite number > 0, got {sinkhorn_epsilon_start}")
     if not aux_multiplicity >= 1:
         raise ValueError(f"aux_multiplicity must be >= 1, got {aux_multiplicity}")
     if not temperature > 0:

@@ -30,6 +30,8 @@ under the marginal error of 30 iterations.  A kept weight times the loss's facto
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -44,7 +46,8 @@ _EXP_FLOOR = -80.0
 _PLAN_FLOOR = -25.0
 
 
-def _check_sinkhorn_inputs(cost: Tensor, row_mass: Tensor, col_mass: Tensor, epsilon: float, iters: int) -> None:
+def _check_sinkhorn_inputs(cost: Tensor, row_mass: Tensor, col_mass: Tensor, epsilon: float, iters: int,
+                           epsilon_start: float | None = None) -> None:
     shapes = f"cost {tuple(cost.shape)}, row_mass {tuple(row_mass.shape)}, col_mass {tuple(col_mass.shape)}"
     if cost.dim() != 3:
         raise ValueError(f"cost must be (B, Q, K+1), got {tuple(cost.shape)}")
@@ -55,6 +58,8 @@ def _check_sinkhorn_inputs(cost: Tensor, row_mass: Tensor, col_mass: Tensor, eps
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
+    if epsilon_start is not None and not (epsilon_start > 0 and math.isfinite(epsilon_start)):
+        raise ValueError(f"epsilon_start must be None or a finite number > 0, got {epsilon_start}")
 
 
 def _logsumexp(z: Tensor, dim: int) -> Tensor:
@@ -80,6 +85,7 @@ def sinkhorn(
     epsilon: float = 0.1,
     iters: int = 30,
     tol: float | None = None,
+    epsilon_start: float | None = None,
 ) -> Tensor:
     """Entropic OT plan by log-domain Sinkhorn iterations, batched over items.
 
@@ -93,29 +99,48 @@ def sinkhorn(
             are exact and column marginals converge.
         tol: if set, stop early once the max column-marginal error is below ``tol``.  This checks
             on the host (a sync) every iteration; with ``tol=None`` the loop never syncs.
+        epsilon_start: epsilon scaling (warm start): if larger than ``epsilon``, the first ``iters // 2``
+            updates use an epsilon that falls geometrically from ``epsilon_start`` to ``epsilon``, the rest use
+            ``epsilon``.  Plain Sinkhorn needs O(cost range / epsilon) updates, so on sharp costs (a trained
+            model) 30 updates at a small epsilon leave column marginals far off; scaling fixes that at the same
+            count.  The returned plan is always the one at ``epsilon``.
     Returns:
         plan ``(B, Q, K+1)`` >= 0 in the dtype of ``cost`` (computed in at least float32 with
         autocast off), exactly 0 on zero-mass rows/columns and where a weight is below
         ``exp(_PLAN_FLOOR)`` of its row's mass (never a subnormal float).  Differentiable w.r.t. ``cost`` if
         called with grad enabled (unrolled iterations); callers usually detach it.
     """
-    _check_sinkhorn_inputs(cost, row_mass, col_mass, epsilon, iters)
+    _check_sinkhorn_inputs(cost, row_mass, col_mass, epsilon, iters, epsilon_start)
     dtype = torch.promote_types(cost.dtype, torch.float32)
     # Half-precision exp/logsumexp of costs/eps overflows; run the iterations in fp32 at least.
     with torch.autocast(device_type=cost.device.type, enabled=False):
         live = (row_mass > 0).unsqueeze(-1) & (col_mass > 0).unsqueeze(-2)
-        c = torch.where(live, cost.to(dtype), torch.zeros((), dtype=dtype, device=cost.device)) / epsilon
+        raw = torch.where(live, cost.to(dtype), torch.zeros((), dtype=dtype, device=cost.device))
+        c = raw / epsilon
         log_a, log_b = _log_mass(row_mass.to(dtype)), _log_mass(col_mass.to(dtype))
         # Potentials are kept divided by eps (u = f / eps, v = g / eps).
         u = torch.zeros_like(log_a)
         v = torch.zeros_like(log_b)
-        for _ in range(iters):
-            v = log_b - _logsumexp(u.unsqueeze(-1) - c, dim=-2)
-            u = log_a - _logsumexp(v.unsqueeze(-2) - c, dim=-1)
-            if tol is not None and _column_error(u, v, c, col_mass) < tol:
+        schedule = _epsilon_schedule(epsilon, epsilon_start, iters)
+        for step, eps_t in enumerate(schedule):
+            if step and schedule[step - 1] != eps_t:
+                u = u * (schedule[step - 1] / eps_t)  # the same potential f = u * eps, in units of the new eps
+            c_t = c if eps_t == epsilon else raw / eps_t
+            v = log_b - _logsumexp(u.unsqueeze(-1) - c_t, dim=-2)
+            u = log_a - _logsumexp(v.unsqueeze(-2) - c_t, dim=-1)
+            if tol is not None and eps_t == epsilon and _column_error(u, v, c, col_mass) < tol:
                 break
         plan = _flushed_plan(u, v, c, live, log_a)
     return plan.to(cost.dtype)
+
+
+def _epsilon_schedule(epsilon: float, epsilon_start: float | None, iters: int) -> list[float]:
+    """Epsilon of each update: geometric from ``epsilon_start`` down to ``epsilon`` over the first ``iters // 2``
+    updates (only when ``epsilon_start > epsilon``), then ``epsilon``."""
+    if epsilon_start is None or epsilon_start <= epsilon or iters < 2:
+        return [epsilon] * iters
+    ramp = iters // 2
+    return [epsilon_start * (epsilon / epsilon_start) ** (t / ramp) if t < ramp else epsilon for t in range(iters)]
 
 
 def _flushed_plan(u: Tensor, v: Tensor, c: Tensor, live: Tensor, log_a: Tensor) -> Tensor:

@@ -31,7 +31,8 @@ def instance_mass(sizes: Tensor, num_queries: int, multiplicity: float = 1.0) ->
     return (num_queries / sizes.clamp_min(1)).clamp_max(float(multiplicity))
 
 
-def transport_weights(cost: Tensor, valid: Tensor, mass: Tensor, epsilon: float, iters: int) -> Tensor:
+def transport_weights(cost: Tensor, valid: Tensor, mass: Tensor, epsilon: float, iters: int,
+                      epsilon_start: float | None = None) -> Tensor:
     """Transport plans of a stack of problems: ``cost (L, B, Q, K)`` -> plan ``(L, B, Q, K + 1)``.
 
     Args:
@@ -39,6 +40,7 @@ def transport_weights(cost: Tensor, valid: Tensor, mass: Tensor, epsilon: float,
         valid: ``(B, K)`` bool, False for padded instances (they get exactly zero weight).
         mass: ``(L, B)`` mass of each instance column per layer and image (``instance_mass``).
         epsilon, iters: Sinkhorn's entropic regularisation (cost units) and iterations.
+        epsilon_start: Sinkhorn's epsilon scaling (``transport.sinkhorn``); None = off.
     Returns:
         plan ``(L, B, Q, K + 1)``; rows sum to 1, the last column is "no object" (cost 0: a constant column cost
         never changes the plan, so the no-object column does not move the optimum away from Hungarian's).
@@ -49,5 +51,6 @@ def transport_weights(cost: Tensor, valid: Tensor, mass: Tensor, epsilon: float,
     cols = torch.cat([valid.unsqueeze(0) * mass.unsqueeze(-1),
                       (queries - mass * sizes).clamp_min(0).unsqueeze(-1)], dim=-1)  # (L, B, K + 1)
     rows = cost.new_ones(num_layers * batch, queries)
-    plan = sinkhorn(cost.flatten(0, 1), rows, cols.flatten(0, 1).to(cost.dtype), epsilon, iters)
+    plan = sinkhorn(cost.flatten(0, 1), rows, cols.flatten(0, 1).to(cost.dtype), epsilon, iters,
+                    epsilon_start=epsilon_start)
     return plan.unflatten(0, (num_layers, batch))

@@ -205,6 +205,16 @@ def test_seed_keys_act_only_on_the_seed_form():
     assert InfluencerCriterion(18).form == "transport"  # the library's default form
 
 
+def test_point_cloud_transport_settings_reach_the_library_criterion():
+    crit = InfluencerCriterion(18, epsilon=0.02, aux_multiplicity=1, sinkhorn_epsilon_start=1.0, sinkhorn_iters=50)
+    inner = crit.criterion
+    assert (inner.epsilon, inner.aux_multiplicity, inner.sinkhorn_epsilon_start, inner.sinkhorn_iters) == (0.02, 1.0, 1.0, 50)
+    pred, insts = batch("scannet", num_aux=2)
+    assert not torch.allclose(crit(pred, insts)["inst_loss"], InfluencerCriterion(18, epsilon=0.02)(pred, insts)["inst_loss"])
+    with pytest.raises(TypeError, match=r"unknown keys \['epsilon_end'\]"):  # mmengine never calls set_progress
+        InfluencerCriterion(18, epsilon_end=0.01)
+
+
 def test_unknown_key_lists_the_valid_keys():
     with pytest.raises(TypeError, match=r"unknown keys \['matcher'\].*bg_weight.*epsilon"):
         InfluencerCriterion(13, matcher=dict(type="HungarianMatcher"))

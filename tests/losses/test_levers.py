@@ -136,3 +136,20 @@ def test_ownership_class_targets_keep_their_gradient_to_the_masks():
     ce = MaskInfluencerCriterion(C, num_points=None)(outputs, targets)["loss_ce"]
     (grad,) = torch.autograd.grad(ce, outputs["pred_masks"], allow_unused=True)
     assert grad is None or grad.abs().sum() == 0
+
+
+def test_sinkhorn_epsilon_start_reaches_the_plan_and_is_checked():
+    outputs, targets = make_outputs(2, (8, 8), num_aux=1), make_targets([2, 3], (8, 8))
+    outputs["pred_masks"] = outputs["pred_masks"] * 40  # sharp costs: 30 plain iterations leave marginals off
+    layers = crit_layers(outputs)
+    plain = MaskInfluencerCriterion(C, num_points=None, epsilon=0.02, sinkhorn_iters=30, aux_multiplicity=1)
+    scaled = MaskInfluencerCriterion(C, num_points=None, epsilon=0.02, sinkhorn_iters=30, aux_multiplicity=1,
+                                     sinkhorn_epsilon_start=5.0)
+    converged = MaskInfluencerCriterion(C, num_points=None, epsilon=0.02, sinkhorn_iters=4000, aux_multiplicity=1)
+    w_plain, w_scaled, w_ref = (c.layer_context(layers, targets)[0]["weights"] for c in (plain, scaled, converged))
+    err = lambda w: (w.sum(1) - torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])).abs().max()  # noqa: E731
+    assert err(w_plain) > 0.1 and err(w_scaled) < 1e-2 and err(w_ref) < 1e-3
+    torch.testing.assert_close(w_scaled, w_ref, atol=1e-2, rtol=0)
+    assert MaskInfluencerCriterion(C).sinkhorn_epsilon_start is None  # off by default
+    with pytest.raises(ValueError, match="sinkhorn_epsilon_start must be None or a finite number > 0, got 0"):
+        MaskInfluencerCriterion(C, sinkhorn_epsilon_start=0)

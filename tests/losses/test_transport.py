@@ -235,3 +235,44 @@ def test_trained_like_criterion_plan_and_gradients_have_no_subnormals(monkeypatc
     torch.testing.assert_close(losses["loss"], raw_losses["loss"], rtol=1e-6, atol=0)  # same loss
     for (_, masks), (_, raw) in zip(leaves, raw_leaves):
         torch.testing.assert_close(masks.grad, raw.grad, rtol=1e-5, atol=1e-12)
+
+
+def sharp_problem(seed=0, q=32, k=20):
+    """A trained-model-like cost: one clearly best query per instance (gaps of ~1-2 cost units) on a 0-10 range."""
+    gen = torch.Generator().manual_seed(seed)
+    cost = 5 + 5 * torch.rand(1, q, k + 1, generator=gen, dtype=torch.float64)
+    best = torch.randperm(q, generator=gen)[:k]
+    cost[0, best, torch.arange(k)] = torch.rand(k, generator=gen, dtype=torch.float64) * 2
+    cost[..., -1] = 0.0  # the no-object column
+    row = torch.ones(1, q, dtype=torch.float64)
+    col = torch.cat([torch.ones(1, k, dtype=torch.float64), torch.full((1, 1), float(q - k), dtype=torch.float64)], 1)
+    return cost, row, col
+
+
+def test_epsilon_scaling_meets_the_marginals_where_plain_iterations_do_not():
+    cost, row, col = sharp_problem()
+    plain = sinkhorn(cost, row, col, epsilon=0.02, iters=50)
+    scaled = sinkhorn(cost, row, col, epsilon=0.02, iters=50, epsilon_start=1.0)
+    reference = sinkhorn(cost, row, col, epsilon=0.02, iters=20000)  # plain iterations, run to convergence
+    assert (plain.sum(-2) - col).abs().max() > 0.1
+    torch.testing.assert_close(scaled.sum(-2), col, atol=1e-3, rtol=0)
+    torch.testing.assert_close(scaled, reference, atol=1e-3, rtol=0)  # the same plan at the target epsilon
+    torch.testing.assert_close(scaled.sum(-1), row)
+
+
+def test_epsilon_scaling_off_or_not_above_epsilon_is_the_plain_iteration():
+    cost, row, col = instance_problem()
+    plain = sinkhorn(cost, row, col, epsilon=0.2, iters=9)
+    assert torch.equal(sinkhorn(cost, row, col, epsilon=0.2, iters=9, epsilon_start=None), plain)
+    assert torch.equal(sinkhorn(cost, row, col, epsilon=0.2, iters=9, epsilon_start=0.1), plain)
+
+
+def test_epsilon_scaling_is_differentiable_and_checked():
+    cost, row, col = sharp_problem(q=6, k=3)
+    cost.requires_grad_(True)
+    plan = sinkhorn(cost, row, col, epsilon=0.05, iters=20, epsilon_start=2.0)
+    (plan[..., :-1] * torch.randn_like(plan[..., :-1])).sum().backward()
+    assert torch.isfinite(cost.grad).all() and cost.grad.abs().sum() > 0
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="epsilon_start must be None or a finite number > 0"):
+            sinkhorn(cost.detach(), row, col, epsilon=0.05, iters=5, epsilon_start=bad)
