@@ -17,8 +17,18 @@ def test_a_clear_gap_gives_a_hard_plan_that_agrees_with_hungarian():
     cost[[4, 0, 2], [0, 1, 2]] = 1.0  # instance k's best query is 4, 0, 2; every gap is 1.0
     s = plan_sharpness.sharpness([cost], epsilon=0.05, iters=200)
     assert s["instances"] == 3 and s["gap"] == pytest.approx(1.0)
-    assert s["gap<eps"] == 0.0 and s["agrees"] == 1.0
+    assert s["gap<eps"] == 0.0 and s["agrees"] == 1.0 and s["off"] == 0.0
     assert s["top share"] > 0.99
+
+
+def test_off_counts_unconverged_columns_and_epsilon_scaling_fixes_them():
+    gen = torch.Generator().manual_seed(0)
+    cost = 5 + 5 * torch.rand(32, 20, generator=gen, dtype=torch.float64)
+    q = torch.arange(10)
+    cost[q, 2 * q], cost[q, 2 * q + 1] = 0.2, 0.5  # instances 2i and 2i + 1 both prefer query i,
+    cost[q + 10, 2 * q + 1] = 1.5  # and 2i + 1 must move to its second choice, 1.0 worse
+    assert plan_sharpness.sharpness([cost], epsilon=0.02, iters=30)["off"] > 0.5
+    assert plan_sharpness.sharpness([cost], epsilon=0.02, iters=30, epsilon_start=1.0)["off"] == 0.0
 
 
 def test_equal_costs_spread_each_instance_over_every_query():
