@@ -26,27 +26,21 @@ from scipy.optimize import linear_sum_assignment
 from influencerformer.engine.build import build_dataset, build_model, load_trained, modality
 from influencerformer.engine.config import load_config
 from influencerformer.engine.train import seed_everything, to_device
-from influencerformer.losses.pair_kernel import pair_terms
+from influencerformer.losses.influencer_criterion import MaskInfluencerCriterion
+from influencerformer.losses.weighted_terms import matching_cost
 from influencerformer.losses.weights import instance_mass, transport_weights
 
 
-def final_layer_costs(model: torch.nn.Module, batch: dict, weights=(2.0, 5.0, 5.0)) -> list[torch.Tensor]:
-    """Per scene, the matching cost ``(Q, K)`` of the final layer's predictions against the scene's instances."""
+def final_layer_costs(model: torch.nn.Module, batch: dict, criterion: MaskInfluencerCriterion) -> list[torch.Tensor]:
+    """Per scene, the matching cost ``(Q, K)`` of the final layer's predictions against the scene's instances,
+    as ``criterion`` computes it (its target reading and ``matching_cost``)."""
     inputs, targets = to_device(batch, torch.device("cpu"))
     with torch.no_grad():
         out = model(*inputs)
-    costs = []
-    for b, t in enumerate(targets):
-        masks = out["pred_masks"][b].flatten(1).float()  # (Q, P)
-        tgt = t["masks"].flatten(1).float()
-        if tgt.shape[-1] != masks.shape[-1]:  # image targets at another resolution: to the prediction grid
-            size = out["pred_masks"].shape[-2:]
-            tgt = torch.nn.functional.interpolate(t["masks"][None].float(), size=size, mode="bilinear")[0].flatten(1)
-        bce, one_minus_dice = pair_terms(masks[None], None, torch.cat([tgt, torch.ones_like(tgt[:1])])[None])
-        prob = out["pred_logits"][b].float().softmax(-1)[:, t["labels"]]
-        wc, wm, wd = weights
-        costs.append(wc * (1 - prob) + wm * bce[0, :, : len(tgt)] + wd * one_minus_dice[0, :, : len(tgt)])
-    return costs
+        context = criterion.layer_context([(out["pred_logits"], out["pred_masks"])], targets)[0]
+    pairs = context["pairs"]
+    cost = matching_cost(pairs["prob"], pairs["bce"], pairs["one_minus_dice"], criterion.cost_weights)
+    return [c[:, :k] for c, k in zip(cost, context["point_targets"].sizes)]
 
 
 def sharpness(costs: list[torch.Tensor], epsilon: float, iters: int,
@@ -93,16 +87,18 @@ def main(argv: list[str] | None = None) -> None:
     else:
         cfg = load_config(args.config)
         seed_everything(cfg.train.seed)
-        dataset, info = build_dataset(cfg.data, "train")
-        model, where = build_model(cfg, info.num_classes).eval(), f"{args.config} at init"
-    dataset, _ = build_dataset(cfg.data, "train")
+        model, where = None, f"{args.config} at init"
+    dataset, info = build_dataset(cfg.data, "train")
+    if model is None:
+        model = build_model(cfg, info.num_classes).eval()
+    criterion = MaskInfluencerCriterion(info.num_classes, num_points=None)  # the default cost weights, every location
     collate = modality(cfg.data).make_collate(dataset, cfg.data)
     rng = random.Random(args.seed)
     torch.manual_seed(args.seed)
     costs = []
     for _ in range(args.batches):
         batch = collate([dataset[rng.randrange(len(dataset))] for _ in range(cfg.data.batch_size)])
-        costs += final_layer_costs(model, batch)
+        costs += final_layer_costs(model, batch, criterion)
     print(f"{where}: {len(costs)} scenes, {cfg.data.name}")
     print(f"Sinkhorn: {args.iters} iterations, epsilon scaling {'from ' + str(args.epsilon_start) if args.epsilon_start else 'off'}")
     print(f"{'epsilon':>8} {'instances':>9} {'median gap':>10} {'gap < eps':>9} {'top share':>9} {'agrees':>7} {'off':>5}")

@@ -40,7 +40,7 @@ def test_equal_costs_spread_each_instance_over_every_query():
 def test_final_layer_costs_are_the_matching_cost_of_each_scene():
     torch.manual_seed(0)
     q, k, n = 4, 2, 30
-    logits, masks = torch.randn(1, q, 3), torch.randn(1, q, n)
+    logits, masks = torch.randn(1, q, 4), torch.randn(1, q, n)  # 3 classes + no object
     tgt = torch.zeros(k, n, dtype=torch.bool)
     tgt[0, :10], tgt[1, 15:] = True, True
     labels = torch.tensor([0, 2])
@@ -51,7 +51,8 @@ def test_final_layer_costs_are_the_matching_cost_of_each_scene():
 
     batch = {"coords": torch.zeros(1, n, 3), "colors": torch.zeros(1, n, 3),
              "targets": [{"labels": labels, "masks": tgt}]}
-    (cost,) = plan_sharpness.final_layer_costs(Fixed(), batch)
+    criterion = plan_sharpness.MaskInfluencerCriterion(3, num_points=None)
+    (cost,) = plan_sharpness.final_layer_costs(Fixed(), batch, criterion)
     p, t = masks[0].sigmoid(), tgt.float()
     bce = torch.nn.functional.binary_cross_entropy_with_logits(
         masks[0][:, None].expand(q, k, n), t[None].expand(q, k, n), reduction="none").mean(-1)

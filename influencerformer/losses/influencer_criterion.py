@@ -79,7 +79,7 @@ from .influencer import attractive_per_instance, background_term, log_coverage, 
 from .mask_losses import pairwise_sigmoid_bce
 from .pair_kernel import pair_terms
 from .sampling import pad_point_masks, sample_pixels, targets_at_pixels
-from .weighted_terms import class_targets, loss_ce, loss_dice, loss_mask
+from .weighted_terms import class_targets, loss_ce, loss_dice, loss_mask, matching_cost
 from .weights import instance_mass, ownership_weights, transport_weights
 
 __all__ = ["MaskInfluencerCriterion"]
@@ -246,8 +246,8 @@ class MaskInfluencerCriterion(SetCriterion):
 
         Layer 0 is the final layer (one-to-one); auxiliary layers get ``aux_multiplicity``.
         """
-        wc, wm, wd = self.cost_weights
-        cost = torch.stack([wc * (1 - p["prob"]) + wm * p["bce"] + wd * p["one_minus_dice"] for p in pairs])
+        cost = torch.stack([matching_cost(p["prob"], p["bce"], p["one_minus_dice"], self.cost_weights)
+                            for p in pairs])
         if self.detach_plan:
             cost = cost.detach()
         queries = cost.shape[2]

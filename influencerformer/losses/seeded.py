@@ -32,7 +32,7 @@ from .pair_kernel import pair_terms
 from .sampling import pad_point_masks
 from .set_criterion import SetCriterion
 from .validation import Layer
-from .weighted_terms import class_targets, loss_ce, loss_dice, loss_mask
+from .weighted_terms import class_targets, loss_ce, loss_dice, loss_mask, matching_cost
 
 __all__ = ["SeededCriterion", "seed_owner", "top_seeded"]
 
@@ -115,8 +115,7 @@ class SeededCriterion(SetCriterion):
             bce, one_minus_dice = pair_terms(layer_masks, None, masks1)
             with torch.no_grad(), self.assign_timer(device):
                 prob = logits.detach().to(dtype).softmax(-1).gather(-1, labels[:, None, :].expand(-1, logits.shape[1], -1))
-                wc, wm, wd = self.cost_weights
-                cost = wc * (1 - prob) + wm * bce + wd * one_minus_dice
+                cost = matching_cost(prob, bce, one_minus_dice, self.cost_weights)
                 weights = top_seeded(owner, cost, self.per_instance).to(dtype)
             if i == 0:
                 self.last_weights = weights

@@ -12,7 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["class_targets", "loss_ce", "loss_mask", "loss_dice"]
+__all__ = ["class_targets", "loss_ce", "loss_mask", "loss_dice", "matching_cost"]
+
+
+def matching_cost(prob: Tensor, bce: Tensor, one_minus_dice: Tensor, weights: tuple[float, float, float]) -> Tensor:
+    """The pair cost the weights are produced from, ``(B, Q, K)``:
+    ``class_weight (1 - p_q(c_k)) + mask_weight BCE(q, k) + dice_weight (1 - dice(q, k))`` with
+    ``weights = (class_weight, mask_weight, dice_weight)`` (the transport and seeded forms' matching cost)."""
+    wc, wm, wd = weights
+    return wc * (1 - prob) + wm * bce + wd * one_minus_dice
 
 
 def class_targets(weights: Tensor, labels: Tensor, num_classes: int, quality: Tensor | None = None) -> Tensor:
